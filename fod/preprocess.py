@@ -1,0 +1,100 @@
+"""The single preprocessing function shared by training, evaluation, export callers and the agent.
+
+Everything that feeds the model calls :func:`to_model_input`, so a frame gives the same score in
+``fod eval``, through a model package and in the running agent. The exported graph does the rest
+(float conversion, BGR->RGB, ImageNet normalisation) on the device.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from fod.errors import InputError
+
+
+def as_bgr(image: np.ndarray, *, source: str = "image") -> np.ndarray:
+    """Return a 3-channel BGR uint8 view of an image as OpenCV decodes it.
+
+    Args:
+        image: ``[H, W]`` grayscale, ``[H, W, 1]``, ``[H, W, 3]`` BGR or ``[H, W, 4]`` BGRA, uint8.
+        source: name used in error messages (file name, camera name).
+
+    Returns:
+        ``[H, W, 3]`` uint8, BGR order.
+
+    Raises:
+        InputError: not uint8, empty, or a channel count other than 1, 3 or 4.
+    """
+    if not isinstance(image, np.ndarray):
+        raise InputError(f"{source}: expected a numpy array, got {type(image).__name__}")
+    if image.dtype != np.uint8:
+        raise InputError(
+            f"{source}: expected uint8 pixels as OpenCV decodes them, got {image.dtype}; "
+            "convert with cv2.convertScaleAbs or np.clip(x, 0, 255).astype(np.uint8)"
+        )
+    if image.size == 0 or image.ndim not in (2, 3):
+        raise InputError(f"{source}: expected an [H, W] or [H, W, C] image, got shape {image.shape}")
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    channels = image.shape[2]
+    if channels == 1:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    if channels == 3:
+        return image
+    if channels == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+    raise InputError(f"{source}: expected 1, 3 or 4 channels, got {channels} (shape {image.shape})")
+
+
+def to_model_input(image: np.ndarray, size: tuple[int, int], *, source: str = "image") -> np.ndarray:
+    """Convert a decoded frame to the model's input: squash-resize to ``size``, BGR uint8.
+
+    The whole frame is resized to exactly ``size`` (no crop, aspect not kept), as the MVTec
+    protocol does. ``cv2.INTER_AREA`` anti-aliases when shrinking, which stands in for the
+    reference's Lanczos resize (fod-method.md section 1).
+
+    Args:
+        image: any frame accepted by :func:`as_bgr`.
+        size: ``(height, width)`` of the model input in px.
+        source: name used in error messages.
+
+    Returns:
+        ``[height, width, 3]`` uint8, BGR, C-contiguous.
+
+    Raises:
+        InputError: see :func:`as_bgr`.
+    """
+    bgr = as_bgr(image, source=source)
+    height, width = size
+    if bgr.shape[:2] != (height, width):
+        bgr = cv2.resize(bgr, (width, height), interpolation=cv2.INTER_AREA)
+    return np.ascontiguousarray(bgr)
+
+
+def read_image(path: str, *, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
+    """Read an image file as OpenCV does (BGR uint8), with an error naming the file.
+
+    Args:
+        path: image file (png, jpg, bmp, ...).
+        flags: ``cv2.imread`` flags; ``IMREAD_GRAYSCALE`` for masks.
+
+    Returns:
+        ``[H, W, 3]`` uint8 BGR (or ``[H, W]`` with ``IMREAD_GRAYSCALE``).
+
+    Raises:
+        InputError: the file is missing or cannot be decoded.
+    """
+    data = np.fromfile(path, dtype=np.uint8) if _exists(path) else None
+    if data is None:
+        raise InputError(f"{path}: file not found")
+    image = cv2.imdecode(data, flags) if data.size else None
+    if image is None:
+        raise InputError(f"{path}: cannot decode the image (corrupt or not an image); replace or remove it")
+    return image
+
+
+def _exists(path: str) -> bool:
+    import os
+
+    return os.path.isfile(path)
