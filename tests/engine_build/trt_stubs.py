@@ -1,0 +1,54 @@
+"""Prepare the TensorRT type stubs for mypy: ``python -m tests.engine_build.trt_stubs``.
+
+``tensorrt-stubs`` (a dev dependency) installs ``tensorrt/__init__.pyi`` and ``tensorrt_bindings/*.pyi``
+into site-packages without a ``py.typed`` marker, so mypy skips them and every TensorRT call would be
+typed ``Any`` (nothing checked). A few of its lines are also not valid Python (a parameter named ``in``,
+a required parameter after defaulted ones). This script copies the stubs to ``build/typings`` (the
+``mypy_path`` in pyproject.toml) and repairs those lines, so that ``mypy engine_build`` checks our
+TensorRT calls against the real API signatures. Run it once after ``pip install -e '.[dev]'``.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import sys
+from importlib import metadata
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+TARGET = REPO / "build" / "typings"
+
+# (pattern, replacement): lines of the generated stubs that Python's parser rejects
+FIXES: list[tuple[str, str]] = [
+    (r"\bin: list\[", "in_: list["),  # `in` is a keyword
+    (r"power: Weights = None, channel_axis: int\)", "power: Weights = None, channel_axis: int = ...)"),
+]
+
+
+def main() -> int:
+    """Copy and repair the stubs; return the exit code (1 when tensorrt-stubs is not installed)."""
+    try:
+        dist = metadata.distribution("tensorrt-stubs")
+    except metadata.PackageNotFoundError:
+        print("tensorrt-stubs is not installed: pip install -e '.[dev]'", file=sys.stderr)
+        return 1
+    stubs = [f for f in dist.files or [] if f.name.endswith(".pyi")]
+    if not stubs:
+        print("tensorrt-stubs has no .pyi files; reinstall it", file=sys.stderr)
+        return 1
+    shutil.rmtree(TARGET / "tensorrt", ignore_errors=True)
+    shutil.rmtree(TARGET / "tensorrt_bindings", ignore_errors=True)
+    for rel in stubs:
+        text = Path(str(dist.locate_file(rel))).read_text()
+        for pattern, repl in FIXES:
+            text = re.sub(pattern, repl, text)
+        out = TARGET / str(rel)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+    print(f"TensorRT stubs {dist.version}: {len(stubs)} files -> {TARGET.relative_to(REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
