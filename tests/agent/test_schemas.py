@@ -19,8 +19,8 @@ from agent.schemas import (
 )
 
 
-def _result(**kw):
-    base = dict(
+def _result(**kw: object) -> ResultPayload:
+    base: dict[str, object] = dict(
         seq=3,
         capture_ts=1700000000.25,
         camera="cam0",
@@ -33,7 +33,7 @@ def _result(**kw):
         latency_ms=LatencyMs(capture=1.0, preprocess=2.0, inference=3.0, postprocess=0.5, total=6.5),
     )
     base.update(kw)
-    return ResultPayload(**base)
+    return ResultPayload.model_validate(base)
 
 
 def test_every_payload_has_schema_version():
@@ -92,12 +92,14 @@ def test_other_payloads_serialise():
     resp = CommandResponse(command="pause", ok=True)
     assert json.loads(resp.to_json())["result"] == {}
     with pytest.raises(pydantic.ValidationError):
-        CameraStatePayload(
-            camera="c",
-            state="sleeping",
-            connected=False,
-            fps=0,
-            frames_captured=0,
-            frames_dropped=0,
-            reconnects=0,
+        CameraStatePayload.model_validate(
+            {
+                "camera": "c",
+                "state": "sleeping",  # not a camera state
+                "connected": False,
+                "fps": 0,
+                "frames_captured": 0,
+                "frames_dropped": 0,
+                "reconnects": 0,
+            }
         )
