@@ -183,7 +183,7 @@ def pro_score(
 
 
 def _area_up_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
-    """Trapezoidal area under ``y(x)`` for ``x`` in [0, x_max]; ``x`` non-decreasing, vertical steps allowed."""
+    """Trapezoidal area under ``y(x)`` for x in [0, x_max]; x non-decreasing, vertical steps allowed."""
     inside = int(np.searchsorted(x, x_max, side="right"))  # points with x <= x_max
     xs, ys = x[:inside], y[:inside]
     if inside < x.size:  # interpolate the curve at x_max between the last point inside and the next
@@ -193,7 +193,9 @@ def _area_up_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
     return float(np.sum((xs[1:] - xs[:-1]) * (ys[1:] + ys[:-1]) / 2.0))
 
 
-def _pro_thresholds(masks: np.ndarray, maps: np.ndarray, *, max_fpr: float, num_thresholds: int) -> np.ndarray:
+def _pro_thresholds(
+    masks: np.ndarray, maps: np.ndarray, *, max_fpr: float, num_thresholds: int
+) -> np.ndarray:
     """Distinct map values in decreasing order: good-pixel and anomalous-pixel quantiles, and the minimum."""
     good = _sample(maps, ~masks)
     bad = _sample(maps, masks)
@@ -210,7 +212,7 @@ def _pro_thresholds(masks: np.ndarray, maps: np.ndarray, *, max_fpr: float, num_
 
 
 def _sample(maps: np.ndarray, select: np.ndarray, limit: int = 2_000_000) -> np.ndarray:
-    """Values of ``maps`` where ``select`` (float32), strided down to about ``limit`` values plus the extremes."""
+    """Values of ``maps`` where ``select`` (float32), strided to about ``limit`` values plus the extremes."""
     values = maps[select].astype(np.float32, copy=False)
     if values.size <= limit:
         return values
@@ -220,9 +222,11 @@ def _sample(maps: np.ndarray, select: np.ndarray, limit: int = 2_000_000) -> np.
 
 def _check_pair(truth: np.ndarray, values: np.ndarray, truth_name: str, values_name: str) -> None:
     if truth.shape != values.shape:
-        raise ValueError(f"{truth_name} {list(truth.shape)} and {values_name} {list(values.shape)} differ in shape")
+        raise ValueError(
+            f"{truth_name} {list(truth.shape)} and {values_name} {list(values.shape)} differ in shape"
+        )
     if values.size and not np.isfinite(values).all():
-        raise ValueError(f"{values_name} contain NaN or inf; the model output is broken (check the checkpoint)")
+        raise ValueError(f"{values_name} contain NaN or inf; the model output is broken (check the model)")
 
 
 def _undefined(name: str, why: str) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import cv2
@@ -41,7 +42,7 @@ def _brute_force_pro(masks: np.ndarray, maps: np.ndarray, max_fpr: float) -> flo
         points.append((fpr, float(np.mean(pros))))
     # integrate to max_fpr with interpolation at the boundary
     area = 0.0
-    for (x0, y0), (x1, y1) in zip(points[:-1], points[1:]):
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
         if x0 >= max_fpr:
             break
         if x1 > max_fpr:
@@ -85,7 +86,7 @@ def test_image_auroc_rejects_non_finite_scores() -> None:
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_pixel_auroc_perfect_and_inverted(dtype: type) -> None:
     masks = _blob_masks()
-    perfect = masks.astype(dtype)
+    perfect: np.ndarray = masks.astype(dtype)
     assert pixel_auroc(masks, perfect) == pytest.approx(1.0)
     assert pixel_auroc(masks, 1 - perfect) == pytest.approx(0.0)
 
