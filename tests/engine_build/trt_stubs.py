@@ -19,10 +19,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 TARGET = REPO / "build" / "typings"
 
-# (pattern, replacement): lines of the generated stubs that Python's parser rejects
+# (pattern, replacement) applied to every stub file
 FIXES: list[tuple[str, str]] = [
+    # lines that Python's parser rejects
     (r"\bin: list\[", "in_: list["),  # `in` is a keyword
     (r"power: Weights = None, channel_axis: int\)", "power: Weights = None, channel_axis: int = ...)"),
+    # the stubs define a module-level `bool: DataType` (tensorrt.bool), which shadows the builtin in every
+    # annotation: `-> bool` became an invalid type and mypy skipped `if not parser.parse(...)` blocks as
+    # unreachable. Point annotations at the builtin; the module-level `bool` (at a line start) stays.
+    (r"(?<=[ \[(|,])bool\b", "builtins.bool"),
+    (r"^from __future__ import annotations\n", "from __future__ import annotations\nimport builtins\n"),
 ]
 
 
@@ -42,7 +48,7 @@ def main() -> int:
     for rel in stubs:
         text = Path(str(dist.locate_file(rel))).read_text()
         for pattern, repl in FIXES:
-            text = re.sub(pattern, repl, text)
+            text = re.sub(pattern, repl, text, flags=re.MULTILINE)
         out = TARGET / str(rel)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
