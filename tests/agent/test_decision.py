@@ -1,0 +1,99 @@
+"""Table tests of the alarm decision: threshold, N-of-M debounce, hysteresis."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from agent.decision import DecisionRule, RoiDecision
+
+
+def run(rule: DecisionRule, scores: list[float]) -> str:
+    """Alarm state after each score, as a string of 'O'/'N' (one char per frame)."""
+    decision = RoiDecision(rule)
+    out = []
+    for score in scores:
+        decision.update(score)
+        out.append("N" if decision.state == "NG" else "O")
+    return "".join(out)
+
+
+@pytest.mark.parametrize(
+    ("rule", "scores", "expected"),
+    [
+        # no debounce, no hysteresis: the alarm follows the verdict
+        (DecisionRule(1.0), [0.5, 1.0, 0.99, 1.5, 0.2], "ONONO"),
+        # at exactly the threshold a frame is NG (>=)
+        (DecisionRule(1.0), [1.0], "N"),
+        # 2-of-3: one NG frame alone never raises the alarm
+        (DecisionRule(1.0, n=2, m=3), [2.0, 0.0, 0.0, 2.0, 0.0, 0.0], "OOOOOO"),
+        # 2-of-3: two NG frames within a window of three raise it, on the second
+        (DecisionRule(1.0, n=2, m=3), [2.0, 0.0, 2.0, 0.0], "OONN"),
+        # 2-of-3 on the way back too: two clear frames within three clear it, an NG frame between or not
+        (DecisionRule(1.0, n=2, m=3), [2.0, 2.0, 0.0, 2.0, 0.0, 0.0], "ONNNOO"),
+        # 3-of-3 needs three in a row
+        (DecisionRule(1.0, n=3, m=3), [2.0, 2.0, 0.0, 2.0, 2.0, 2.0], "OOOOON"),
+        # hysteresis 0.2: off threshold 0.8; scores in [0.8, 1.0) keep NG
+        (DecisionRule(1.0, hysteresis=0.2), [1.2, 0.9, 0.85, 0.8, 0.79], "NNNNO"),
+        # hysteresis band does not raise the alarm either (0.9 < on threshold)
+        (DecisionRule(1.0, hysteresis=0.2), [0.9, 0.95, 0.99], "OOO"),
+        # hysteresis with debounce: clear frames must be below the off threshold
+        (DecisionRule(1.0, hysteresis=0.5, n=2, m=2), [1.0, 1.0, 0.6, 0.4, 0.6, 0.4, 0.4], "ONNNNNO"),
+        # the window restarts after a transition: old NG votes do not count towards clearing
+        (DecisionRule(1.0, n=2, m=4), [2.0, 2.0, 0.0], "ONN"),
+        # NaN scores count for neither transition
+        (DecisionRule(1.0), [math.nan, 2.0, math.nan, 0.0], "ONNO"),
+    ],
+)
+def test_alarm_state_table(rule: DecisionRule, scores: list[float], expected: str) -> None:
+    assert run(rule, scores) == expected
+
+
+def test_transitions_are_reported_once_with_previous_state() -> None:
+    decision = RoiDecision(DecisionRule(1.0, n=2, m=3))
+    transitions = [decision.update(s) for s in [2.0, 2.0, 2.0, 0.0, 0.0, 0.0]]
+    reported = [(t.previous, t.state) for t in transitions if t is not None]
+    assert reported == [("OK", "NG"), ("NG", "OK")]
+    assert transitions[1] is not None
+    assert transitions[4] is not None
+
+
+@pytest.mark.parametrize(
+    ("threshold", "hysteresis", "off"),
+    [
+        (1.0, 0.1, 0.9),  # positive threshold: threshold * (1 - h)
+        (2.5, 0.0, 2.5),  # no hysteresis: same threshold both ways
+        (-1.0, 0.5, -1.5),  # negative raw scores: still below the on threshold
+    ],
+)
+def test_off_threshold(threshold: float, hysteresis: float, off: float) -> None:
+    assert DecisionRule(threshold, hysteresis).off_threshold == pytest.approx(off)
+
+
+def test_verdict_is_instantaneous() -> None:
+    rule = DecisionRule(1.0, hysteresis=0.5, n=3, m=3)
+    assert [rule.verdict(s) for s in (0.99, 1.0, 5.0)] == ["OK", "NG", "NG"]
+
+
+def test_threshold_change_applies_from_next_frame() -> None:
+    decision = RoiDecision(DecisionRule(1.0))
+    assert decision.update(0.5) is None
+    decision.set_rule(DecisionRule(0.4))
+    transition = decision.update(0.5)
+    assert transition is not None
+    assert transition.state == "NG"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"threshold": math.inf}, "finite"),
+        ({"threshold": 1.0, "hysteresis": 1.0}, "hysteresis"),
+        ({"threshold": 1.0, "n": 3, "m": 2}, "n <= m"),
+        ({"threshold": 1.0, "n": 0, "m": 2}, "n <= m"),
+    ],
+)
+def test_invalid_rules_are_refused(kwargs: dict[str, float], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        DecisionRule(**kwargs)  # type: ignore[arg-type]
