@@ -25,7 +25,9 @@ class EngineMismatchError(EngineBuildError):
         rebuild_command: the command that rebuilds the engine on this box.
     """
 
-    def __init__(self, message: str, *, differences: list[str] | None = None, rebuild_command: str = "") -> None:
+    def __init__(
+        self, message: str, *, differences: list[str] | None = None, rebuild_command: str = ""
+    ) -> None:
         super().__init__(message)
         self.differences = list(differences or [])
         self.rebuild_command = rebuild_command

@@ -302,8 +302,13 @@ class NetworkFromOnnx:
                 f"{self.onnx_path}: TensorRT {version} cannot parse the ONNX graph ({details}); "
                 "re-export the package with a supported opset, or upgrade TensorRT"
             )
-        log.info("parsed %s: %d inputs, %d outputs, %d layers", self.onnx_path.name, network.num_inputs,
-                 network.num_outputs, network.num_layers)
+        log.info(
+            "parsed %s: %d inputs, %d outputs, %d layers",
+            self.onnx_path.name,
+            network.num_inputs,
+            network.num_outputs,
+            network.num_layers,
+        )
         return ParsedNetwork(builder, network, parser)
 
 
