@@ -43,7 +43,7 @@ def tensorrt_available(device: int = 0) -> tuple[bool, str]:
         ``(True, "TensorRT 10.3.0, GPU Orin (compute 8.7)")`` or ``(False, reason with install help)``.
     """
     try:
-        version = require_tensorrt("running TensorRT engines")
+        version = require_tensorrt("building or running TensorRT engines")
         gpu = gpu_info(device)
     except TensorRTUnavailableError as exc:
         return False, str(exc)
