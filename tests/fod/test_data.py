@@ -179,7 +179,9 @@ def test_load_test_split_layout_errors(tmp_path: Path, setup: str, message: str)
 def test_load_mask_resizes_nearest_to_bool(tmp_path: Path) -> None:
     root = make_mvtec(tmp_path, size=(64, 64))
     sample = next(s for s in load_test_split(root) if s.label == 1)
-    raw = cv2.imread(str(sample.mask_path), cv2.IMREAD_GRAYSCALE) > 0
+    raw_u8 = cv2.imread(str(sample.mask_path), cv2.IMREAD_GRAYSCALE)
+    assert raw_u8 is not None
+    raw: np.ndarray = raw_u8 > 0
     mask = load_mask(sample, (32, 32))
     assert mask.dtype == bool
     assert mask.shape == (32, 32)
