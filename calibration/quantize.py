@@ -1,0 +1,303 @@
+"""FP16 and INT8 (Q/DQ) variants of a package's FP32 graph, and a latency measurement.
+
+* INT8: ONNX Runtime's ``quantize_static`` in QDQ format: per-channel symmetric INT8 weights and (for
+  TensorRT) symmetric INT8 activations, only on the Conv / MatMul / Gemm nodes that
+  :func:`calibration.graph.select_int8_nodes` picks; the attention, softmax, KL and scoring tail
+  stay FP32. TensorRT 10/11 builds strongly typed engines from these explicit Q/DQ graphs.
+* FP16: ``onnxruntime.transformers.float16.convert_float_to_float16`` (ONNX Runtime's maintained fork
+  of ``onnxconverter-common``'s converter; the original 1.16 writes graphs ORT cannot load when a
+  blocked node produces a graph output) with FP32 inputs/outputs, the ops of
+  :data:`calibration.graph.FP16_BLOCKED_OPS` and the nodes of
+  :func:`calibration.graph.fp16_blocked_nodes` kept in FP32.
+
+Why ONNX Runtime's quantizer and not NVIDIA ModelOpt: see ``docs/calibration.md`` (in short: it is
+already in the environment, runs on the CPU, and ``nvidia-modelopt[onnx]`` installs
+``onnxruntime-gpu`` next to ``onnxruntime``, two packages that shadow each other).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+
+from calibration.errors import QuantizationError
+from calibration.graph import (
+    FP16_BLOCKED_OPS,
+    INT8_OP_TYPES,
+    fp16_blocked_nodes,
+    keep_float_consumers,
+    name_nodes,
+    select_int8_nodes,
+)
+
+log = logging.getLogger(__name__)
+
+CalibMethod = Literal["minmax", "percentile", "entropy"]
+Target = Literal["tensorrt", "cpu"]
+
+
+@dataclass(frozen=True)
+class Int8Settings:
+    """How the INT8 variant is made (recorded in the manifest).
+
+    Attributes:
+        calibrate_method: ``minmax`` (default), ``percentile`` (99.999th) or ``entropy``.
+        target: ``tensorrt``: symmetric INT8 activations (what TensorRT requires), dedicated Q/DQ
+            pairs; ``cpu``: asymmetric UINT8 activations (faster on x86 CPUs, not for TensorRT).
+        per_channel: per-output-channel weight scales.
+        keep_last_matmul: keep each branch's last MatMul (reconstruction head) in FP32.
+        preprocess: run ONNX Runtime's ``quant_pre_process`` (shape inference and basic fusions,
+            e.g. BatchNorm into Conv) first.
+    """
+
+    calibrate_method: CalibMethod = "minmax"
+    target: Target = "tensorrt"
+    per_channel: bool = True
+    keep_last_matmul: bool = False
+    preprocess: bool = True
+
+
+def _calibration_method(name: str) -> Any:
+    from onnxruntime.quantization import CalibrationMethod
+
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "percentile": CalibrationMethod.Percentile,
+        "entropy": CalibrationMethod.Entropy,
+    }
+    if name not in methods:
+        raise QuantizationError(f"unknown calibration method {name!r}; choose one of {sorted(methods)}")
+    return methods[name]
+
+
+def _preprocess(src: Path, dst: Path) -> bool:
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
+        return True
+    except Exception as exc:  # symbolic shape inference fails on some graphs: carry on without it
+        log.warning("quant_pre_process failed (%s); quantizing the graph as exported", exc)
+        return False
+
+
+def quantize_int8(
+    fp32_path: str | Path, out_path: str | Path, reader: Any, settings: Int8Settings | None = None
+) -> dict[str, Any]:
+    """Write an INT8 Q/DQ variant of ``fp32_path`` calibrated with ``reader``.
+
+    Args:
+        fp32_path: the FP32 ONNX file.
+        out_path: where to write the Q/DQ ONNX file.
+        reader: an ``onnxruntime.quantization.CalibrationDataReader`` over good images
+            (:class:`calibration.reader.ImageCalibrationDataReader`).
+        settings: :class:`Int8Settings`; None uses the defaults.
+
+    Returns:
+        Report: settings, counts of quantized / excluded nodes with reasons, Q/DQ node count, seconds.
+
+    Raises:
+        QuantizationError: the quantizer fails or nothing can be quantized.
+    """
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    settings = settings or Int8Settings()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="fod_int8_") as tmp:
+        src = Path(fp32_path)
+        preprocessed = False
+        if settings.preprocess:
+            pre = Path(tmp) / "pre.onnx"
+            preprocessed = _preprocess(src, pre)
+            if preprocessed:
+                src = pre
+        model = onnx.load(str(src))
+        name_nodes(model)
+        selection = select_int8_nodes(model, keep_last_matmul=settings.keep_last_matmul)
+        if not selection.quantize:
+            raise QuantizationError(
+                f"{fp32_path}: no Conv / MatMul / Gemm node can be quantized "
+                f"({len(selection.excluded)} excluded); "
+                "INT8 would bring no speed-up: use --precision fp16"
+            )
+        named = Path(tmp) / "named.onnx"
+        onnx.save(model, str(named))
+        trt = settings.target == "tensorrt"
+        extra: dict[str, Any] = {
+            "ActivationSymmetric": trt,
+            "WeightSymmetric": True,
+            "DedicatedQDQPair": trt,
+            "OpTypesToExcludeOutputQuantization": list(INT8_OP_TYPES),
+            "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
+        }
+        if settings.calibrate_method == "percentile":
+            extra["CalibPercentile"] = 99.999
+        try:
+            quantize_static(
+                str(named),
+                str(Path(tmp) / "q.onnx"),
+                reader,
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=list(INT8_OP_TYPES),
+                nodes_to_quantize=selection.quantize,
+                per_channel=settings.per_channel,
+                reduce_range=False,
+                activation_type=QuantType.QInt8 if trt else QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=_calibration_method(settings.calibrate_method),
+                extra_options=extra,
+            )
+        except Exception as exc:  # the quantizer raises plain exceptions of many kinds
+            raise QuantizationError(f"{fp32_path}: ONNX Runtime quantize_static failed: {exc}") from exc
+        qmodel = onnx.load(str(Path(tmp) / "q.onnx"))
+    rewired = keep_float_consumers(qmodel, set(selection.quantize))
+    onnx.save(qmodel, str(out_path))
+    ops = [n.op_type for n in qmodel.graph.node]
+    reasons: dict[str, int] = {}
+    for why in selection.excluded.values():
+        reasons[why] = reasons.get(why, 0) + 1
+    return {
+        "settings": asdict(settings),
+        "preprocessed": preprocessed,
+        "quantized_nodes": len(selection.quantize),
+        "fp32_nodes_of_quantizable_types": len(selection.excluded),
+        "excluded_reasons": reasons,
+        "excluded_nodes": dict(sorted(selection.excluded.items())[:200]),
+        "q_nodes": ops.count("QuantizeLinear"),
+        "dq_nodes": ops.count("DequantizeLinear"),
+        "fp32_consumers_rewired": rewired,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+def convert_fp16(fp32_path: str | Path, out_path: str | Path) -> dict[str, Any]:
+    """Write a mixed-precision FP16 variant of ``fp32_path`` (FP32 inputs and outputs).
+
+    Args:
+        fp32_path: the FP32 ONNX file.
+        out_path: where to write the FP16 ONNX file.
+
+    Returns:
+        Report: blocked op types, number of nodes kept FP32 by graph rules, Cast count, seconds.
+
+    Raises:
+        QuantizationError: the conversion fails.
+    """
+    from onnxruntime.transformers import float16
+
+    start = time.perf_counter()
+    model = onnx.load(str(fp32_path))
+    name_nodes(model)
+    blocked = fp16_blocked_nodes(model)
+    op_block = sorted(set(float16.DEFAULT_OP_BLOCK_LIST) | set(FP16_BLOCKED_OPS))
+    try:
+        half = float16.convert_float_to_float16(
+            model,
+            keep_io_types=True,
+            op_block_list=op_block,
+            node_block_list=sorted(blocked),
+            disable_shape_infer=False,
+        )
+    except Exception as exc:  # the converter raises plain exceptions of many kinds
+        raise QuantizationError(f"{fp32_path}: FP16 conversion failed: {exc}") from exc
+    onnx.save(half, str(out_path))
+    ops = [n.op_type for n in half.graph.node]
+    return {
+        "settings": {"keep_io_types": True, "op_block_list": [o for o in op_block if o in FP16_BLOCKED_OPS]},
+        "fp32_nodes_by_graph_rule": len(blocked),
+        "cast_nodes": ops.count("Cast"),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+def compare_latency(
+    onnx_paths: dict[str, Path],
+    image_size: tuple[int, int],
+    batch: int = 1,
+    repeats: int = 10,
+    *,
+    warmup: int = 2,
+    intra_op_threads: int | None = None,
+    providers: list[str] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Latency of several ONNX files, measured interleaved so that load on a shared CPU hits all alike.
+
+    Every round runs each model once on the same random ``[batch, H, W, 3]`` uint8 batch.
+
+    Args:
+        onnx_paths: label (e.g. ``fp32``) -> ONNX file.
+        image_size: ``(height, width)`` in px.
+        batch: images per call.
+        repeats: timed calls per model (``>= 1``).
+        warmup: untimed calls per model first.
+        intra_op_threads: ONNX Runtime threads; None lets ORT use every core.
+        providers: ORT execution providers; None = best available.
+
+    Returns:
+        label -> ``{onnx, batch, repeats, provider, mean_ms, p50_ms, p90_ms, min_ms, per_image_ms,
+        images_per_s}`` (ms per call; ``per_image_ms`` = p50 / batch).
+    """
+    from fod.runner import OnnxRuntimeRunner
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(batch, image_size[0], image_size[1], 3), dtype=np.uint8)
+    runners = {
+        k: OnnxRuntimeRunner(p, image_size, providers=providers, intra_op_threads=intra_op_threads)
+        for k, p in onnx_paths.items()
+    }
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    try:
+        for r in runners.values():
+            r.activate()
+        for _ in range(max(0, warmup)):
+            for r in runners.values():
+                r.infer(images)
+        for _ in range(max(1, repeats)):
+            for k, r in runners.items():
+                t0 = time.perf_counter()
+                r.infer(images)
+                times[k].append((time.perf_counter() - t0) * 1e3)
+        out: dict[str, dict[str, Any]] = {}
+        for k, r in runners.items():
+            t = np.asarray(times[k])
+            p50 = float(np.median(t))
+            out[k] = {
+                "onnx": str(onnx_paths[k]),
+                "batch": batch,
+                "repeats": len(t),
+                "provider": (r.active_providers or ["?"])[0],
+                "mean_ms": round(float(t.mean()), 3),
+                "p50_ms": round(p50, 3),
+                "p90_ms": round(float(np.percentile(t, 90)), 3),
+                "min_ms": round(float(t.min()), 3),
+                "per_image_ms": round(p50 / batch, 3),
+                "images_per_s": round(1e3 * batch / p50, 2),
+            }
+        return out
+    finally:
+        for r in runners.values():
+            r.deactivate()
+
+
+def measure_latency(
+    onnx_path: str | Path, image_size: tuple[int, int], batch: int = 1, repeats: int = 10
+) -> dict[str, Any]:
+    """Latency of one ONNX file on ONNX Runtime (see :func:`compare_latency` for the fields).
+
+    Args:
+        onnx_path: the ONNX file.
+        image_size: ``(height, width)`` in px.
+        batch: images per call.
+        repeats: timed calls.
+
+    Returns:
+        ``{onnx, batch, repeats, provider, mean_ms, p50_ms, p90_ms, min_ms, per_image_ms, images_per_s}``.
+    """
+    return compare_latency({"model": Path(onnx_path)}, image_size, batch, repeats)["model"]
