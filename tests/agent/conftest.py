@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import socket
@@ -37,7 +38,7 @@ class Mosquitto:
 
     host = "127.0.0.1"
 
-    def __init__(self, workdir: Path, *, persistence: bool = False) -> None:
+    def __init__(self, workdir: Path, *, persistence: bool = False, extra: list[str] | None = None) -> None:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -45,6 +46,7 @@ class Mosquitto:
         self.conf = workdir / "mosquitto.conf"
         lines = [
             f"listener {self.port} 127.0.0.1",
+            *(extra or []),  # per-listener settings (TLS, password_file) follow the listener line
             "allow_anonymous true",
             f"persistence {'true' if persistence else 'false'}",
             f"log_dest file {self.log}",
@@ -54,6 +56,10 @@ class Mosquitto:
             "log_type information",
             "connection_messages true",
         ]
+        if (
+            os.geteuid() == 0
+        ):  # as root mosquitto drops to user "mosquitto", who cannot read pytest's tmp dirs
+            lines.append("user root")
         if persistence:
             lines += [f"persistence_location {workdir}/", "autosave_interval 1"]
         self.conf.write_text("\n".join(lines) + "\n")
@@ -129,6 +135,7 @@ class Subscriber:
     ) -> None:
         self.topic_filter = topic_filter
         self.qos = qos
+        self.persistent = persistent
         self._cond = threading.Condition()
         self.messages: dict[str, list[Msg]] = {}
         self.subscribed = threading.Event()
@@ -149,7 +156,12 @@ class Subscriber:
             raise RuntimeError(f"subscriber could not subscribe to {topic_filter} on {host}:{port}")
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
-        if not rc.is_failure:
+        if rc.is_failure:
+            return
+        if self.persistent and flags.session_present:
+            # the broker kept the subscription: subscribing again would re-send retained messages
+            self.subscribed.set()
+        else:
             client.subscribe(self.topic_filter, qos=self.qos)
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, rcs: Any, props: Any) -> None:
