@@ -1,0 +1,254 @@
+"""Bad input to `fod train` and `fod eval`: exit code 2 and one message that names the file and the fix.
+
+Every case is built from synthetic images in tmp_path; none trains a model (data errors are raised
+before any training, checkpoints are written from an untrained 64 px model).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from fod.checkpoint import CHECKPOINT_NAME, save_checkpoint
+from fod.cli import main
+from fod.model import FODConfig, FODModel
+from tests.fod.mvtec_synth import make_mvtec
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    code = main(list(argv))
+    return code, capsys.readouterr().err
+
+
+def _write(path: Path, image: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), image)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A valid checkpoint of an untrained 64 px model (random backbone: no weights download, fast)."""
+    out = tmp_path_factory.mktemp("run")
+    model = FODModel(FODConfig(image_size=64, d_models=(16, 16), layers=1), pretrained=False)
+    save_checkpoint(out, model, {"note": "untrained, for tests"})
+    return out
+
+
+# ---- fod train: bad data folders (raised before the model is built) -------------------------------
+
+
+def _empty(root: Path) -> str:
+    root.mkdir()
+    return str(root)
+
+
+def _nested_too_deep(root: Path) -> str:
+    _write(root / "images" / "cam1" / "000.png", np.zeros((16, 16), np.uint8))
+    return str(root)
+
+
+def _unreadable_train_image(root: Path) -> str:
+    _write(root / "train" / "good" / "000.png", np.zeros((16, 16), np.uint8))
+    (root / "train" / "good" / "001.png").write_bytes(b"\x89PNG truncated")
+    return str(root / "train" / "good" / "001.png")
+
+
+def _missing(root: Path) -> str:
+    return str(root)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (_missing, "no such folder"),  # a typo in --data
+        (_empty, "neither train/good/ nor images found"),  # an empty folder
+        (_nested_too_deep, "neither train/good/ nor images found"),  # wrong layout
+        (_unreadable_train_image, "cannot decode the image"),  # a corrupt file among good ones
+    ],
+)
+def test_train_bad_data_exits_2_naming_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], make: Callable[[Path], str], message: str
+) -> None:
+    named = make(tmp_path / "data")
+    code, err = _run(capsys, "train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"))
+    assert code == 2
+    assert err.startswith("fod train: error: ")
+    assert named in err
+    assert message in err
+    assert not (tmp_path / "run" / CHECKPOINT_NAME).exists()
+
+
+# ---- fod eval: bad data folders -----------------------------------------------------------------
+
+
+def _no_test_folder(root: Path) -> str:
+    _write(root / "train" / "good" / "000.png", np.zeros((64, 64), np.uint8))
+    return str(root)
+
+
+def _flat_test_folder(root: Path) -> str:
+    _write(root / "test" / "000.png", np.zeros((64, 64), np.uint8))
+    return str(root / "test")
+
+
+def _unreadable_test_image(root: Path) -> str:
+    make_mvtec(root, with_train=False)
+    bad = root / "test" / "good" / "002.png"
+    bad.write_bytes(b"not an image")
+    return str(bad)
+
+
+def _mask_of_wrong_size(root: Path) -> str:
+    make_mvtec(root, with_train=False)
+    bad = root / "ground_truth" / "blob" / "001_mask.png"
+    _write(bad, np.zeros((40, 64), np.uint8))
+    return str(bad)
+
+
+def _defect_without_mask(root: Path) -> str:
+    make_mvtec(root, with_train=False)
+    (root / "ground_truth" / "blob" / "002_mask.png").unlink()
+    return str(root / "ground_truth" / "blob" / "002_mask.png")
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (_missing, "no test/ folder"),
+        (_empty, "no test/ folder"),
+        (_no_test_folder, "no test/ folder"),  # a training-only folder
+        (_flat_test_folder, "no test images"),  # images not in test/<type>/
+        (_unreadable_test_image, "cannot decode the image"),
+        (_mask_of_wrong_size, "mask is 64x40 px but its image"),
+        (_defect_without_mask, "defect image without a mask"),
+    ],
+)
+def test_eval_bad_data_exits_2_naming_the_file(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    toy_package: Path,
+    make: Callable[[Path], str],
+    message: str,
+) -> None:
+    named = make(tmp_path / "data")
+    out = tmp_path / "eval.json"
+    code, err = _run(
+        capsys, "eval", "--model", str(toy_package), "--data", str(tmp_path / "data"), "--json", str(out)
+    )
+    assert code == 2
+    assert "fod eval: error: " in err
+    assert named in err
+    assert message in err
+    assert not out.exists()
+
+
+# ---- fod eval: bad models -----------------------------------------------------------------------
+
+
+def test_eval_model_folder_that_is_neither_package_nor_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = make_mvtec(tmp_path / "data", with_train=False)
+    (tmp_path / "model").mkdir()
+    code, err = _run(capsys, "eval", "--model", str(tmp_path / "model"), "--data", str(data))
+    assert code == 2
+    assert f"{tmp_path / 'model'}: neither a model package" in err
+    assert "fod train --out" in err
+
+
+def test_eval_missing_model_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = make_mvtec(tmp_path / "data", with_train=False)
+    code, err = _run(capsys, "eval", "--model", str(tmp_path / "nope"), "--data", str(data))
+    assert code == 2
+    assert f"{tmp_path / 'nope'}: no such folder" in err
+
+
+def test_eval_package_with_edited_onnx(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], toy_package: Path
+) -> None:
+    package = tmp_path / "pkg"
+    shutil.copytree(toy_package, package)
+    with open(package / "model.onnx", "ab") as handle:
+        handle.write(b"\0")
+    data = make_mvtec(tmp_path / "data", with_train=False)
+    code, err = _run(capsys, "eval", "--model", str(package), "--data", str(data))
+    assert code == 2
+    assert f"{package / 'model.onnx'}: sha256" in err
+    assert "re-export" in err
+
+
+def test_eval_package_without_the_requested_variant(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], toy_package: Path
+) -> None:
+    data = make_mvtec(tmp_path / "data", with_train=False)
+    code, err = _run(capsys, "eval", "--model", str(toy_package), "--data", str(data), "--precision", "int8")
+    assert code == 2
+    assert "no model.int8.onnx in this package" in err
+
+
+def test_eval_checkpoint_from_another_version(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], run_dir: Path
+) -> None:
+    old = tmp_path / "old_run"
+    old.mkdir()
+    payload = torch.load(run_dir / CHECKPOINT_NAME, map_location="cpu", weights_only=False)
+    payload["version"] = 0
+    torch.save(payload, old / CHECKPOINT_NAME)
+    data = make_mvtec(tmp_path / "data", with_train=False)
+    code, err = _run(capsys, "eval", "--model", str(old), "--data", str(data))
+    assert code == 2
+    assert str(old / CHECKPOINT_NAME) in err
+    assert "format version 0" in err
+    assert "retrain" in err
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"garbage", "cannot be read as a checkpoint"),  # a truncated copy
+        (None, "not a FOD checkpoint"),  # some other torch file
+    ],
+)
+def test_eval_corrupt_or_foreign_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes | None, message: str
+) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    if content is None:
+        torch.save({"weights": torch.zeros(2)}, run / CHECKPOINT_NAME)
+    else:
+        (run / CHECKPOINT_NAME).write_bytes(content)
+    data = make_mvtec(tmp_path / "data", with_train=False)
+    code, err = _run(capsys, "eval", "--model", str(run), "--data", str(data))
+    assert code == 2
+    assert str(run / CHECKPOINT_NAME) in err
+    assert message in err
+
+
+def test_eval_run_dir_with_precision_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], run_dir: Path
+) -> None:
+    data = make_mvtec(tmp_path / "data", with_train=False)
+    code, err = _run(capsys, "eval", "--model", str(run_dir), "--data", str(data), "--precision", "fp16")
+    assert code == 2
+    assert "applies to model packages only" in err
+
+
+def test_eval_run_dir_works(tmp_path: Path, capsys: pytest.CaptureFixture[str], run_dir: Path) -> None:
+    """The good path through PyTorch: an untrained model, so only the report's shape is checked."""
+    data = make_mvtec(tmp_path / "data", with_train=False)
+    out = tmp_path / "eval.json"
+    code = main(["eval", "--model", str(run_dir), "--data", str(data), "--json", str(out), "--no-progress"])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["runner"] == "pytorch"
+    assert report["image_size"] == [64, 64]
+    assert len(report["scores"]) == 7
+    assert "overall" in capsys.readouterr().out
