@@ -9,9 +9,9 @@ Pixel metrics are computed on the anomaly map the runner outputs, which for the 
 Gaussian-smoothed map (sigma 4). The reference implementation takes its pixel AUROC *before* the
 smoothing (fod-method.md section 4, quirk 8). We deliberately measure the smoothed map because it
 is the one shipped to users: the agent's masks and overlays come from it, so its quality is what
-matters. Smoothing usually moves pixel AUROC by a few thousandths (up or down); compare pixel
-numbers with published FOD results with that in mind. Image scores (max of the smoothed map) are
-the reference's.
+matters. Smoothing changes pixel AUROC and PRO (it spreads high values past the edges of small or
+thin defects and suppresses isolated noise), so compare pixel numbers with published FOD results
+with that in mind. Image scores (max of the smoothed map) are the reference's.
 
 The same machinery evaluates a training checkpoint (``fod.torch_runner.TorchRunner``), an exported
 package (:class:`fod.runner.OnnxRuntimeRunner`), a TensorRT engine, or the nearest-neighbour
