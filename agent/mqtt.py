@@ -22,15 +22,18 @@ The Last Will is a retained ``offline`` :class:`~agent.schemas.StatusPayload` on
 disconnects cleanly.
 
 Threads: ``publish_*`` are thread-safe and never wait for the network (``publish_alarm`` waits for
-one sqlite fsync). ``on_command`` runs in paho's network thread and must return quickly. paho's
-callbacks here only set events or publish, and never take the link's lock, so no lock-order
-deadlock with paho's internal locks is possible.
+one sqlite fsync). ``on_command`` runs in the link's own command thread, one command at a time in
+arrival order (neither paho's network thread, whose keep-alive must go on during a slow model
+reload, nor the caller's event loop); at most :data:`COMMAND_QUEUE_SIZE` commands wait, more are
+answered ``ok: false`` at once. paho's callbacks here only set events, enqueue or publish, and
+never take the link's lock, so no lock-order deadlock with paho's internal locks is possible.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
 import re
 import ssl
 import threading
@@ -65,6 +68,8 @@ ALARM_WINDOW = 20
 """Most alarms handed to the connection and not yet acknowledged."""
 CONNECT_TIMEOUT_S = 5.0
 """TCP/TLS connect and CONNACK wait per attempt (s)."""
+COMMAND_QUEUE_SIZE = 16
+"""Commands waiting for the command thread; further ones are refused with ``ok: false``."""
 
 ImageKind = Literal["mask", "overlay"]
 """Binary image topics: ``mask`` (PNG, binary mask at frame size) and ``overlay`` (JPEG heatmap)."""
@@ -332,9 +337,9 @@ class MqttLink:
     Args:
         config: MQTT settings.
         agent_id: Agent identifier (in the status payload; default client id ``fod-agent-<agent_id>``).
-        on_command: Called with each valid command, in paho's network thread; returns the result
-            dict of the response quickly or raises :class:`~agent.commands.CommandError`. None =
-            every command is answered ``ok: false``.
+        on_command: Called with each valid command, in the link's command thread (one at a time);
+            returns the ``result`` dict of the response or raises
+            :class:`~agent.commands.CommandError`. None = every command is answered ``ok: false``.
         registry: Prometheus registry for the link's metrics; None = a private one.
 
     Raises:
@@ -385,6 +390,8 @@ class MqttLink:
         self._result_counts: dict[str, int] = {}
         self._image_last: dict[tuple[str, str], float] = {}
         self._sessions = 0
+        self._commands: queue.Queue[tuple[str, str, bytes, bool] | None] = queue.Queue(COMMAND_QUEUE_SIZE)
+        self._command_thread: threading.Thread | None = None
 
         reg = registry if registry is not None else CollectorRegistry()
         self.registry = reg
@@ -441,6 +448,14 @@ class MqttLink:
         if self._thread is not None and self._thread.is_alive():
             return
         self._stopping.clear()
+        self._commands = queue.Queue(COMMAND_QUEUE_SIZE)
+        self._command_thread = threading.Thread(
+            target=self._command_worker,
+            args=(self._commands,),
+            name=f"mqtt-commands-{self.agent_id}",
+            daemon=True,
+        )
+        self._command_thread.start()
         self._thread = threading.Thread(target=self._run, name=f"mqtt-link-{self.agent_id}", daemon=True)
         self._thread.start()
 
@@ -463,6 +478,10 @@ class MqttLink:
         if thread.is_alive():
             log.warning("MQTT link thread did not end within %.1f s; abandoning it", timeout_s)
         self._thread = None
+        self._stop_command_worker()
+        if self._command_thread is not None:
+            self._command_thread.join(1.0)  # a handler stuck in a slow command is abandoned (daemon)
+            self._command_thread = None
         depth = len(self._outbox)
         if depth:
             log.warning(
@@ -742,7 +761,7 @@ class MqttLink:
 
         def on_message(c: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
             try:
-                self._handle_command(c, message)
+                self._enqueue_command(c, message)
             except Exception:  # never let an exception end paho's network thread
                 log.exception("error while handling MQTT message on %s", message.topic)
 
@@ -894,15 +913,62 @@ class MqttLink:
 
     # ------------------------------------------------------------------ internals: commands
 
-    def _handle_command(self, client: mqtt.Client, message: mqtt.MQTTMessage) -> None:
+    def _enqueue_command(self, client: mqtt.Client, message: mqtt.MQTTMessage) -> None:
+        """In paho's thread: hand a command to the command thread, or refuse it at once when too many wait."""
         topic = message.topic
         if not topic.startswith(self._cmd_prefix) or topic == self.response_topic:
             return
         name = topic[len(self._cmd_prefix) :]
-        payload = bytes(message.payload)
+        try:
+            self._commands.put_nowait((topic, name, bytes(message.payload), bool(message.retain)))
+        except queue.Full:
+            log.warning("command on %s refused: %d commands already waiting", topic, COMMAND_QUEUE_SIZE)
+            self._m_commands.labels("error").inc()
+            body = CommandResponse(
+                command=name,
+                ok=False,
+                error=f"agent busy: {COMMAND_QUEUE_SIZE} commands are waiting; retry later",
+            ).to_json()
+            self._publish(client, self.response_topic, body, 1, False, "response")
+
+    def _stop_command_worker(self) -> None:
+        """Discard commands still waiting (nobody can receive their response) and end the worker."""
+        discarded = 0
+        while True:
+            try:
+                if self._commands.get_nowait() is not None:
+                    discarded += 1
+            except queue.Empty:
+                break
+        if discarded:
+            log.warning("%d command(s) received before stop were not applied", discarded)
+        self._commands.put_nowait(None)
+
+    def _command_worker(self, commands: queue.Queue[tuple[str, str, bytes, bool] | None]) -> None:
+        """Command thread: apply commands in arrival order and publish each response."""
+        while True:
+            item = commands.get()
+            if item is None:
+                return
+            topic, name, payload, retain = item
+            try:
+                body = self._apply_command(topic, name, payload, retain)
+            except Exception:  # the response itself failed to serialise; keep the thread alive
+                log.exception("command on %s failed", topic)
+                continue
+            with self._lock:
+                client = self._client
+            if client is None:
+                log.warning("response to command on %s not sent: disconnected", topic)
+                self._m_dropped.labels("response", "disconnected").inc()
+            else:
+                self._publish(client, self.response_topic, body, 1, False, "response")
+
+    def _apply_command(self, topic: str, name: str, payload: bytes, retain: bool) -> bytes:
+        """Validate and apply one command; return the JSON of its :class:`CommandResponse`."""
         request_id: str | None = None
         try:
-            if message.retain:
+            if retain:
                 raise CommandError(
                     f"retained command on {topic} ignored: commands act once, "
                     "publish them without the retain "
@@ -914,10 +980,9 @@ class MqttLink:
             if self._on_command is None:
                 raise CommandError("this agent does not accept commands (no command handler)", command=name)
             result = self._on_command(command)
-            response = CommandResponse(
+            body = CommandResponse(
                 request_id=request_id, command=name, ok=True, result=dict(result or {})
-            )
-            body = response.to_json()
+            ).to_json()
             log.info("command %s applied: %s", name, command)
             self._m_commands.labels("ok").inc()
         except CommandError as exc:
@@ -934,4 +999,4 @@ class MqttLink:
                 error=f"internal error while applying {name}: {type(exc).__name__}: {exc}",
             ).to_json()
             self._m_commands.labels("error").inc()
-        self._publish(client, self.response_topic, body, 1, False, "response")
+        return body

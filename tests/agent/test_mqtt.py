@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -524,6 +525,30 @@ def test_handler_errors_become_error_replies(mosquitto, subscriber, topic_root, 
     # the network thread survived: a second command is still answered
     send(mosquitto, f"{topic_root}/cmd/pause", b"{}")
     assert len(sub.wait_for(f"{topic_root}/cmd/response", 2)) == 2
+
+
+def test_slow_command_does_not_block_the_connection(mosquitto, subscriber, topic_root, make_link):
+    """A handler that takes long (a model reload) runs off paho's network thread: alarms still flow."""
+    release = threading.Event()
+    entered = threading.Event()
+
+    def slow(cmd):
+        entered.set()
+        assert release.wait(10)
+        return {"reloaded": True}
+
+    sub = subscriber(mosquitto, f"{topic_root}/#")
+    link = make_link(mosquitto, on_command=slow)
+    link.start()
+    assert link.connected.wait(5)
+    sub.wait_for(f"{topic_root}/status", 1)
+    send(mosquitto, f"{topic_root}/cmd/reload_model", b"{}")
+    assert entered.wait(5)
+    link.publish_alarm("cam0", alarm(1))  # delivered while the handler is still busy
+    assert sub.wait_for(f"{topic_root}/cam0/alarm", 1)[0].json()["alarm_seq"] == 1
+    assert sub.get(f"{topic_root}/cmd/response") == []
+    release.set()
+    assert sub.wait_for(f"{topic_root}/cmd/response", 1)[0].json()["result"] == {"reloaded": True}
 
 
 def test_retained_command_is_not_executed_and_no_handler_refuses(
