@@ -195,7 +195,7 @@ class MqttConfig(BaseModel):
     result_every_k: int = Field(
         default=1,
         ge=1,
-        description="Publish every k-th scored frame per camera on <camera>/result (1 = all).",
+        description="Publish every k-th scored frame per camera and ROI on <camera>/result (1 = all).",
     )
     images: Literal["ng", "all", "never"] = Field(
         default="ng", description="Which frames get <camera>/mask and <camera>/overlay: ng | all | never."
@@ -387,7 +387,7 @@ class MqttLink:
         self._states: dict[str, CameraStatePayload] = {}
         self._backend: str | None = None
         self._model: str | None = None
-        self._result_counts: dict[str, int] = {}
+        self._result_counts: dict[tuple[str, str], int] = {}
         self._image_last: dict[tuple[str, str], float] = {}
         self._sessions = 0
         self._commands: queue.Queue[tuple[str, str, bytes, bool] | None] = queue.Queue(COMMAND_QUEUE_SIZE)
@@ -569,8 +569,8 @@ class MqttLink:
     def publish_result(self, camera: str, result: ResultPayload) -> bool:
         """Publish a scored frame on ``<root>/<camera>/result`` (QoS ``qos_result``, not retained).
 
-        Only every ``result_every_k``-th call per camera publishes (the 1st, the k+1-th, ...).
-        Dropped (and counted) while disconnected.
+        Only every ``result_every_k``-th call per camera and ROI publishes (the 1st, the k+1-th,
+        ...). Dropped (and counted) while disconnected.
 
         Args:
             camera: Camera name (equal to ``result.camera``).
@@ -584,8 +584,9 @@ class MqttLink:
         """
         self._check_camera(camera, result.camera)
         with self._lock:
-            n = self._result_counts.get(camera, 0)
-            self._result_counts[camera] = n + 1
+            key = (camera, result.roi)
+            n = self._result_counts.get(key, 0)
+            self._result_counts[key] = n + 1
             client = self._client
         if n % self.config.result_every_k:
             return False

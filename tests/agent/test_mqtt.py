@@ -79,12 +79,12 @@ def alarm(i: int, state: str = "NG") -> AlarmPayload:
     )
 
 
-def result(seq: int) -> ResultPayload:
+def result(seq: int, roi: str = "full") -> ResultPayload:
     return ResultPayload(
         seq=seq,
         capture_ts=1000.0 + seq,
         camera="cam0",
-        roi="full",
+        roi=roi,
         source_frame=seq,
         score=0.5,
         normalized_score=0.25,
@@ -357,13 +357,15 @@ def test_result_every_k(mosquitto, subscriber, topic_root, make_link):
     link = make_link(mosquitto, result_every_k=3)
     link.start()
     assert link.connected.wait(5)
-    sent = [link.publish_result("cam0", result(i)) for i in range(10)]
-    assert sent == [i % 3 == 0 for i in range(10)]
-    msgs = sub.wait_for(f"{topic_root}/cam0/result", 4)
-    assert [m.json()["seq"] for m in msgs] == [0, 3, 6, 9]
+    sent = [link.publish_result("cam0", result(i, roi)) for i in range(10) for roi in ("left", "right")]
+    assert sent == [i % 3 == 0 for i in range(10) for _ in range(2)]  # counted per camera and ROI
+    msgs = sub.wait_for(f"{topic_root}/cam0/result", 8)
+    assert [(m.json()["seq"], m.json()["roi"]) for m in msgs] == [
+        (i, roi) for i in (0, 3, 6, 9) for roi in ("left", "right")
+    ]
     assert all(not m.retain and m.qos == 0 for m in msgs)
     assert msgs[0].json()["latency_ms"]["total"] == 4
-    assert metric(link, "fod_mqtt_messages_published_total", kind="result") == 4
+    assert metric(link, "fod_mqtt_messages_published_total", kind="result") == 8
 
 
 def test_results_and_images_are_dropped_while_disconnected(mosquitto, make_link):
