@@ -1,0 +1,260 @@
+"""Frame sources and the capture thread: folders, videos, objects, broken frames, reconnects, drop policy."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+
+from agent.capture import CameraStatus, CameraWorker, Frame, FrameSlot, check_frame, guess_kind, open_source
+from agent.config import CameraConfig
+from agent.errors import CameraError
+from agent.metrics import AgentMetrics
+
+
+def write_folder(folder: Path, n: int, *, size: tuple[int, int] = (48, 64)) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i in range(n):
+        name = f"{i:03d}.png"
+        cv2.imwrite(str(folder / name), np.full((*size, 3), (10 * i) % 256, np.uint8))
+        names.append(name)
+    return names
+
+
+def collect(worker: CameraWorker, *, delay_s: float = 0.0, limit: int = 10_000) -> list[Frame]:
+    """Run the worker until its source ends; return the frames the consumer got."""
+
+    async def consume() -> list[Frame]:
+        worker.slot.attach(asyncio.get_running_loop())
+        worker.start()
+        frames: list[Frame] = []
+        while len(frames) < limit and (frame := await worker.slot.get()) is not None:
+            frames.append(frame)
+            if delay_s:
+                await asyncio.sleep(delay_s)
+        return frames
+
+    try:
+        return asyncio.run(asyncio.wait_for(consume(), 20))
+    finally:
+        worker.stop()
+
+
+@pytest.mark.parametrize(
+    ("source", "kind"),
+    [
+        (0, "camera"),
+        ("2", "camera"),
+        ("rtsp://10.0.0.2/stream", "url"),
+        ("http://cam.local/video.mjpg", "url"),
+        ("videotestsrc ! videoconvert ! appsink", "gstreamer"),
+        ("line.mp4", "file"),
+    ],
+)
+def test_guess_kind(source: str | int, kind: str) -> None:
+    assert guess_kind(source) == kind
+
+
+def test_guess_kind_folder(tmp_path: Path) -> None:
+    assert guess_kind(str(tmp_path)) == "folder"
+
+
+@pytest.mark.parametrize(
+    ("image", "reason"),
+    [
+        (None, "empty"),  # failed decode
+        (np.zeros((0, 0, 3), np.uint8), "empty"),  # empty array
+        (np.zeros((32, 32, 3), np.float32), "dtype"),  # wrong dtype
+        (np.zeros((32, 32, 2), np.uint8), "shape"),  # two channels
+        (np.zeros((4, 32, 3), np.uint8), "size"),  # too small to crop
+        ("not an image", "empty"),  # not an array at all
+    ],
+)
+def test_check_frame_rejects_broken_frames(image: Any, reason: str) -> None:
+    assert check_frame(image, source="t") == (None, reason)
+
+
+@pytest.mark.parametrize("shape", [(32, 40), (32, 40, 1), (32, 40, 4), (33, 41, 3)])
+def test_check_frame_converts_to_bgr(shape: tuple[int, ...]) -> None:
+    frame, reason = check_frame(np.full(shape, 7, np.uint8), source="t")
+    assert reason is None
+    assert frame is not None
+    assert frame.shape == (shape[0], shape[1], 3)
+
+
+def test_folder_source_reads_sorted_and_counts_broken_files(tmp_path: Path) -> None:
+    folder = tmp_path / "imgs"
+    names = write_folder(folder, 4)
+    (folder / "002b.png").write_bytes(b"not a png")  # broken: skipped and counted
+    cv2.imwrite(str(folder / "003b.png"), np.full((48, 64), 200, np.uint8))  # grayscale: converted
+    (folder / "notes.txt").write_text("ignored")
+    metrics = AgentMetrics()
+    states: list[str] = []
+    worker = CameraWorker(
+        CameraConfig(name="c", source=str(folder)), metrics=metrics, on_state=lambda s: states.append(s.state)
+    )
+    frames = collect(worker, delay_s=0.002)
+    assert [f.source_frame for f in frames] == ["000.png", "001.png", "002.png", "003.png", "003b.png"]
+    assert [f.seq for f in frames] == [1, 2, 3, 4, 5]
+    assert all(f.image.shape == (48, 64, 3) for f in frames)
+    assert metrics.value("fod_frames_broken_total", {"camera": "c", "reason": "empty"}) == 1
+    assert metrics.value("fod_frames_captured_total", {"camera": "c"}) == 5
+    # model pace: nothing dropped even though the consumer is slower than the reader
+    assert metrics.value("fod_frames_dropped_total") == 0
+    assert states == ["connected", "ended"]
+    assert names
+
+
+def test_video_file_frames_carry_their_index(tmp_path: Path) -> None:
+    path = tmp_path / "line.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), 20, (64, 48))
+    for i in range(6):
+        writer.write(np.full((48, 64, 3), 30 * i, np.uint8))
+    writer.release()
+    worker = CameraWorker(CameraConfig(name="v", source=str(path)), metrics=AgentMetrics())
+    frames = collect(worker)
+    assert [f.source_frame for f in frames] == [0, 1, 2, 3, 4, 5]
+    assert worker.status().state == "ended"
+
+
+def test_loop_restarts_a_folder(tmp_path: Path) -> None:
+    write_folder(tmp_path / "f", 3)
+    worker = CameraWorker(CameraConfig(name="c", source=str(tmp_path / "f"), loop=True), metrics=AgentMetrics())
+    frames = collect(worker, limit=7)
+    assert [f.source_frame for f in frames] == ["000.png", "001.png", "002.png"] * 2 + ["000.png"]
+    assert worker.status().reconnects == 0  # looping is not a reconnect
+
+
+def test_newest_frame_policy_drops_and_counts_when_the_consumer_is_slow(tmp_path: Path) -> None:
+    write_folder(tmp_path / "f", 30)
+    metrics = AgentMetrics()
+    # realtime replay at 500 frames/s, consumer at ~50 frames/s
+    worker = CameraWorker(CameraConfig(name="c", source=str(tmp_path / "f"), fps=500.0), metrics=metrics)
+    frames = collect(worker, delay_s=0.02)
+    dropped = metrics.value("fod_frames_dropped_total", {"camera": "c", "reason": "newest_frame"})
+    assert dropped > 0
+    assert len(frames) + dropped == 30  # every captured frame is either scored or counted as dropped
+    assert worker.status().frames_dropped == dropped
+    seqs = [f.seq for f in frames]
+    assert seqs == sorted(seqs)
+    assert seqs[-1] == 30  # the newest frame is never the one dropped
+
+
+def test_frame_slot_put_blocks_at_model_pace_and_replaces_otherwise() -> None:
+    slot = FrameSlot()
+    frame = Frame(np.zeros((8, 8, 3), np.uint8), 1, 0.0, 0.0, None)
+    assert slot.put(frame, block=False) is False
+    assert slot.put(frame, block=False) is True  # replaced an unconsumed frame
+    assert slot.dropped == 1
+    stop = threading.Event()
+    done = threading.Event()
+
+    def producer() -> None:
+        slot.put(frame, block=True, stop=stop)
+        done.set()
+
+    thread = threading.Thread(target=producer)
+    thread.start()
+    assert not done.wait(0.2)  # waits while the previous frame is not taken
+    assert slot.take() is frame
+    assert done.wait(2)
+    thread.join()
+    assert slot.dropped == 1
+
+
+class FlakyCamera:
+    """A live source object: a few frames, then a broken one, then failed reads forever."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+        self.released = False
+
+    def read(self) -> tuple[bool, Any]:
+        self.reads += 1
+        if self.reads <= 3:
+            return True, np.full((40, 40, 3), 128, np.uint8)
+        if self.reads == 4:
+            return True, np.zeros((40, 40, 3), np.float64)  # wrong dtype
+        return False, None
+
+    def release(self) -> None:
+        self.released = True
+
+
+def test_live_object_source_reconnects_with_backoff_after_failed_reads() -> None:
+    metrics = AgentMetrics()
+    states: list[CameraStatus] = []
+    camera = FlakyCamera()
+    config = CameraConfig(name="obj", reconnect_min_s=0.01, reconnect_max_s=0.02, max_read_failures=2)
+    worker = CameraWorker(config, metrics=metrics, override=camera, on_state=states.append)
+
+    async def run() -> list[Frame]:
+        worker.slot.attach(asyncio.get_running_loop())
+        worker.start()
+        frames: list[Frame] = []
+        deadline = time.monotonic() + 5
+        while worker.status().reconnects < 2 and time.monotonic() < deadline:
+            try:
+                frame = await asyncio.wait_for(worker.slot.get(), 0.02)
+            except TimeoutError:
+                continue
+            if frame is not None:
+                frames.append(frame)
+        return frames
+
+    frames = asyncio.run(run())
+    worker.stop()
+    status = worker.status()
+    assert status.frames_captured == 3
+    assert len(frames) + status.frames_dropped == 3  # live source: newest-frame policy
+    assert status.reconnects >= 2
+    assert metrics.value("fod_camera_reconnects_total", {"camera": "obj"}) == status.reconnects
+    assert metrics.value("fod_frames_broken_total", {"camera": "obj", "reason": "dtype"}) == 1
+    assert metrics.value("fod_frames_broken_total", {"camera": "obj", "reason": "read_failed"}) >= 2
+    assert "reconnecting" in [s.state for s in states]
+    assert camera.released  # released once, at the end
+    assert states[-1].state == "ended"
+
+
+def test_source_that_cannot_be_opened_is_a_failed_state_and_retried(tmp_path: Path) -> None:
+    metrics = AgentMetrics()
+    states: list[CameraStatus] = []
+    config = CameraConfig(name="gone", source=str(tmp_path / "missing.mp4"), reconnect_min_s=0.01, reconnect_max_s=0.05)
+    worker = CameraWorker(config, metrics=metrics, on_state=states.append)
+    worker.start()
+    deadline = time.monotonic() + 5
+    while worker.status().reconnects < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    worker.stop()
+    assert states[0].state == "failed"
+    assert "missing.mp4" in (states[0].error or "")
+    assert "not found" in (states[0].error or "")
+    assert worker.status().reconnects >= 3
+    assert metrics.value("fod_camera_connected", {"camera": "gone"}) == 0
+
+
+def test_open_source_errors_name_the_source(tmp_path: Path) -> None:
+    with pytest.raises(CameraError, match="no images"):
+        open_source(CameraConfig(source=str(tmp_path), kind="folder"))
+    with pytest.raises(CameraError, match="read"):
+        open_source(CameraConfig(), override=object())
+
+
+def test_factory_source_is_called_per_open() -> None:
+    made: list[FlakyCamera] = []
+
+    def factory() -> FlakyCamera:
+        made.append(FlakyCamera())
+        return made[-1]
+
+    source = open_source(CameraConfig(), override=factory)
+    assert source.live
+    assert source.read()[0]
+    assert len(made) == 1

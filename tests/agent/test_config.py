@@ -1,0 +1,131 @@
+"""Configuration: the repository's config.toml, validation messages, CLI overrides, generated reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.cli import main
+from agent.config import AgentConfig, config_reference_markdown, load_config
+from agent.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_repository_config_is_valid_and_equals_the_defaults() -> None:
+    config = load_config(REPO / "config.toml")
+    defaults = AgentConfig()
+    # agent_id resolves to the host name in both; everything in the template is a default
+    assert config.model_dump() == defaults.model_dump()
+
+
+def test_every_key_of_the_template_is_commented() -> None:
+    # a key (or a small group of related keys, such as reconnect_min_s / reconnect_max_s) sits under a comment
+    lines = [line.strip() for line in (REPO / "config.toml").read_text().splitlines()]
+
+    def is_key(text: str) -> bool:
+        return bool(text) and not text.startswith(("#", "[")) and "=" in text
+
+    for i, text in enumerate(lines):
+        if is_key(text):
+            j = i - 1
+            while j >= 0 and is_key(lines[j]):
+                j -= 1
+            assert i - j <= 3, f"config.toml line {i + 1}: more than two keys under one comment"
+            assert j >= 0, f"config.toml line {i + 1} has no comment above: {text}"
+            assert lines[j].startswith("#"), f"config.toml line {i + 1} has no comment above: {text}"
+
+
+def test_check_config_accepts_the_template(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--config", str(REPO / "config.toml"), "--check-config"]) == 0
+    assert "valid" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("toml", "key", "hint"),
+    [
+        # wrong type: the key and what was given
+        ("[http]\nport = 'eighty'\n", "http.port", "eighty"),
+        # out of range
+        ("[decision]\nhysteresis = 1.5\n", "decision.hysteresis", "less than 1"),
+        # typo in a key: unknown key, with the valid ones listed
+        ("[snapshots]\nmax_total_gb = 1\n", "snapshots.max_total_gb", "max_total_mb"),
+        # cross-field rule names the fields
+        ("[decision]\ndebounce_n = 4\ndebounce_m = 3\n", "debounce_n", "debounce_m"),
+        # nested list entry
+        ("[[cameras]]\nname = 'a/b'\n", "cameras.0.name", "topic level"),
+        (
+            "[[cameras]]\nname = 'c'\n[[cameras.rois]]\nbox_px = [0, 0, 0, 10]\n",
+            "cameras.0.rois.0.box_px",
+            "width",
+        ),
+        # a section of the MQTT helper's model
+        ("[mqtt]\ntopic_root = 'a/#'\n", "mqtt.topic_root", "no '+', '#'"),
+        # TOML syntax error: the line is named
+        ("[http\nport = 1\n", "line 1", "invalid TOML"),
+    ],
+)
+def test_invalid_file_exits_2_naming_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], toml: str, key: str, hint: str
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    assert main(["--config", str(path), "--check-config"]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err
+    assert key in err
+    assert hint.lower() in err.lower()
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_cli_flags_override_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[[cameras]]\nname = 'line'\nsource = 3\n[http]\nport = 9000\n")
+    config = load_config(path, {"cameras.0.source": "/data/x.mp4", "http.port": 0, "model.threshold": 0.7})
+    assert config.cameras[0].name == "line"  # kept from the file
+    assert config.cameras[0].source == "/data/x.mp4"
+    assert config.http.port == 0
+    assert config.model.threshold == 0.7
+
+
+def test_camera_and_source_together_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--camera", "0", "--source", "x.mp4", "--check-config"]) == 2
+    assert "--camera and --source" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("url", "host", "port", "tls"),
+    [
+        ("mqtt://broker.local:1884", "broker.local", 1884, False),
+        ("mqtts://broker.local", "broker.local", 8883, True),
+        ("10.0.0.5:1883", "10.0.0.5", 1883, False),
+    ],
+)
+def test_broker_flag(url: str, host: str, port: int, tls: bool) -> None:
+    from agent.cli import apply_broker
+
+    mqtt = apply_broker(AgentConfig(), url).mqtt
+    assert (mqtt.host, mqtt.port, mqtt.tls is not None) == (host, port, tls)
+
+
+def test_bad_broker_url_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--broker", "http://x:1", "--check-config"]) == 2
+    assert "--broker" in capsys.readouterr().err
+
+
+def test_duplicate_camera_names_are_refused() -> None:
+    with pytest.raises(ConfigError, match="unique"):
+        load_config(None, {"cameras.0.name": "a", "cameras.1.name": "a"})
+
+
+def test_docs_config_md_is_up_to_date() -> None:
+    expected = config_reference_markdown()
+    actual = (REPO / "docs" / "config.md").read_text()
+    assert actual == expected, "docs/config.md is stale: run `python -m agent.config > docs/config.md`"
+    assert "`decision.hysteresis`" in actual
+    assert "`mqtt.topic_root`" in actual
