@@ -183,6 +183,12 @@ def build_engine(
     ok, reason = tensorrt_available(device)
     if not ok:
         raise TensorRTUnavailableError(f"`fod build` cannot run on this machine: {reason}")
+    has_reference = importlib.util.find_spec("onnxruntime") is not None
+    if not has_reference and not force:  # say so before a build of minutes, not after
+        raise EngineBuildError(
+            "the parity check needs ONNX Runtime as its reference: `pip install onnxruntime` (the CPU "
+            "build is enough), or pass --force to keep the engine unchecked"
+        )
     runtime = current_runtime(device)
     log.info(
         "building a %s engine of %r from %s on %s (compute %s) with TensorRT %s: batch 1..%d, workspace %s, "
@@ -212,7 +218,11 @@ def build_engine(
     staged = engine_path.with_name(engine_path.name + ".new")
     try:
         SaveEngine(plan, staged)()
-        parity = _parity(staged, onnx_path, package.image_size, frames, settings, device, force)
+        if has_reference:
+            parity = _parity(staged, onnx_path, package.image_size, frames, settings, device, force)
+        else:
+            log.warning("parity check skipped (--force): onnxruntime is not installed")
+            parity = {"skipped": "onnxruntime not installed", "passed": None, "forced": True}
         manifest = EngineManifest(
             engine_file=engine_path.name,
             engine_sha256=hashlib.sha256(plan).hexdigest(),
@@ -249,14 +259,6 @@ def _parity(
     force: bool,
 ) -> dict[str, object]:
     """Run the parity check of a staged engine; returns the report dict or raises :class:`ParityError`."""
-    if importlib.util.find_spec("onnxruntime") is None:
-        if not force:
-            raise EngineBuildError(
-                "the parity check needs ONNX Runtime as its reference: `pip install onnxruntime` (the CPU "
-                "build is enough), or pass --force to keep the engine unchecked"
-            )
-        log.warning("parity check skipped (--force): onnxruntime is not installed")
-        return {"skipped": "onnxruntime not installed", "passed": None}
     report = compare_runners(
         OnnxRuntimeRunner(onnx_path, image_size),
         TensorRTRunner(engine, image_size, device=device, verify=False),

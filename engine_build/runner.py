@@ -13,13 +13,14 @@ TensorRT runtime uses), pushed for each call, so any thread may call :meth:`infe
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from engine_build.errors import EngineBuildError, EngineMismatchError, TensorRTUnavailableError
-from engine_build.manifest import EngineManifest, load_engine_manifest, rebuild_command
+from engine_build.manifest import EngineManifest, current_runtime, load_engine_manifest, rebuild_command
 from engine_build.steps import INPUT_NAME
 from engine_build.util import dims_to_tuple, gpu_info, require_pycuda, require_tensorrt, trt_logger
 from fod.errors import FodError
@@ -110,6 +111,7 @@ class TensorRTRunner(Runner):
         self._stream: Any = None
         self._host: dict[str, np.ndarray] = {}  # page-locked, shaped for max_batch
         self._device_mem: dict[str, Any] = {}  # pycuda DeviceAllocation per tensor
+        self._lock = threading.Lock()  # one stream and one set of buffers: one batch at a time
 
     @property
     def released(self) -> bool:
@@ -126,7 +128,10 @@ class TensorRTRunner(Runner):
 
         if self.verify:
             self.manifest = load_engine_manifest(
-                self.engine_path, package_dir=self.package_dir, image_size=self.image_size
+                self.engine_path,
+                runtime=current_runtime(self.device),
+                package_dir=self.package_dir,
+                image_size=self.image_size,
             )
         elif not self.engine_path.is_file():
             raise EngineMismatchError(f"{self.engine_path}: engine not found; build it with `fod build`")
@@ -211,12 +216,13 @@ class TensorRTRunner(Runner):
                 raise EngineBuildError(f"{self.engine_path}: TensorRT refused the buffer of {tensor}")
 
     def _deactivate_impl(self) -> None:
-        if self._cuda_ctx is not None:
-            self._cuda_ctx.push()
-        try:
-            self._drop_gpu_objects()
-        finally:
-            self._leave_cuda_context(detach=True)
+        with self._lock:  # never free buffers under a running batch
+            if self._cuda_ctx is not None:
+                self._cuda_ctx.push()
+            try:
+                self._drop_gpu_objects()
+            finally:
+                self._leave_cuda_context(detach=True)
         log.info("TensorRT engine %s released", self.engine_path.name)
 
     def _drop_gpu_objects(self) -> None:
@@ -254,14 +260,15 @@ class TensorRTRunner(Runner):
 
     def _infer_impl(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         maps, scores = [], []
-        self._cuda_ctx.push()
-        try:
-            for start, stop in batch_slices(len(images), self.max_batch):
-                anomaly_map, score = self._run_chunk(images[start:stop])
-                maps.append(anomaly_map)
-                scores.append(score)
-        finally:
-            self._cuda.Context.pop()
+        with self._lock:
+            self._cuda_ctx.push()
+            try:
+                for start, stop in batch_slices(len(images), self.max_batch):
+                    anomaly_map, score = self._run_chunk(images[start:stop])
+                    maps.append(anomaly_map)
+                    scores.append(score)
+            finally:
+                self._cuda.Context.pop()
         if len(maps) == 1:
             return maps[0], scores[0]
         return np.concatenate(maps), np.concatenate(scores)

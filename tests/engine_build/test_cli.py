@@ -70,9 +70,7 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> fake_trt.FakeState:
     return fake_trt.install(monkeypatch)
 
 
-def test_build_writes_engine_and_manifest(
-    fake, pkg: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-):
+def test_build_writes_engine_and_manifest(fake, pkg: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     cache = tmp_path / "trt.cache"
     argv = [
         "build",
@@ -161,3 +159,20 @@ def test_out_elsewhere_and_real_parity_images(fake, pkg: Path, tmp_path: Path):
     with pytest.raises(EngineMismatchError) as info:
         load_engine_manifest(out, runtime=other_box)
     assert info.value.rebuild_command == f"fod build --model {pkg.resolve()} --precision fp32 --out {out}"
+
+
+def test_missing_onnxruntime_is_reported_before_building(
+    fake, pkg: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real_find_spec(name, *a)
+    )
+    assert main(["build", "--model", str(pkg), "--precision", "fp32"]) == 2
+    assert "`pip install onnxruntime`" in capsys.readouterr().err
+    assert not [c for c in fake.calls if c[0] == "build"]  # no build of minutes first
+    assert main(["build", "--model", str(pkg), "--precision", "fp32", "--force"]) == 0
+    raw = json.loads(manifest_path(pkg / "model.fp32.engine").read_text())
+    assert raw["parity"]["skipped"] == "onnxruntime not installed"
