@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("engine_build")
 
+#: oldest TensorRT major version supported (JetPack 6.1+ ships 10.3)
+MIN_TENSORRT_MAJOR = 10
+
 INSTALL_HELP = (
     "How to install it:\n"
     "  - Jetson (JetPack 6): TensorRT comes with JetPack: `sudo apt install python3-libnvinfer` and pycuda "
@@ -55,6 +58,12 @@ def require_tensorrt(purpose: str) -> str:
             f"{purpose} needs the TensorRT Python bindings; the `tensorrt` module found "
             f"({list(getattr(trt_module, '__path__', []))}) is not them (only type stubs are installed).\n"
             f"{INSTALL_HELP}"
+        )
+    major = version.split(".")[0]
+    if not major.isdigit() or int(major) < MIN_TENSORRT_MAJOR:
+        raise TensorRTUnavailableError(
+            f"{purpose} needs TensorRT {MIN_TENSORRT_MAJOR} or newer (strongly typed networks, "
+            f"execute_async_v3), found {version}; on a Jetson upgrade to JetPack 6.1 or newer.\n{INSTALL_HELP}"
         )
     return version
 

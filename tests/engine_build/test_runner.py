@@ -7,6 +7,8 @@ CUDA-context handling and release on deactivate, not TensorRT itself (see tests/
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -136,9 +138,7 @@ def test_mismatched_engine_is_refused_before_touching_the_gpu(monkeypatch: pytes
     fake = fake_trt.install(monkeypatch, fake_trt.FakeState(version="10.4.0"))
     engine = fake_engine(pkg, content=fake_plan(pkg), runtime=RUNTIME)  # built with 10.3.0
     runner = TensorRTRunner(engine, SIZE)
-    with pytest.raises(
-        EngineMismatchError, match=r"engine built with 10\.3\.0, this box runs 10\.4\.0"
-    ):
+    with pytest.raises(EngineMismatchError, match=r"engine built with 10\.3\.0, this box runs 10\.4\.0"):
         runner.activate()
     assert runner.released
     assert fake.ctx_retained == 0
@@ -185,3 +185,25 @@ def test_parity_with_onnxruntime_through_runners(fake, pkg: Path):
         batch_size=3,
     )
     assert not report.passed
+
+
+def test_tensorrt_8_is_refused_with_upgrade_hint(monkeypatch: pytest.MonkeyPatch):
+    fake_trt.install(monkeypatch, fake_trt.FakeState(version="8.6.2"))  # JetPack 6.0's TensorRT
+    ok, reason = tensorrt_available()
+    assert ok is False
+    assert "needs TensorRT 10 or newer" in reason
+    assert "found 8.6.2" in reason
+    assert "JetPack 6.1" in reason
+
+
+def test_fake_box_is_reported_available(fake):
+    assert tensorrt_available() == (True, "TensorRT 10.3.0, GPU Orin (compute 8.7)")
+
+
+def test_import_needs_neither_tensorrt_nor_pycuda():
+    code = (
+        "import sys, engine_build, engine_build.cli; "
+        "print(sorted(m for m in ('tensorrt', 'pycuda', 'onnxruntime', 'torch') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

@@ -6,18 +6,24 @@ typed ``Any`` (nothing checked). A few of its lines are also not valid Python (a
 a required parameter after defaulted ones). This script copies the stubs to ``build/typings`` (the
 ``mypy_path`` in pyproject.toml) and repairs those lines, so that ``mypy engine_build`` checks our
 TensorRT calls against the real API signatures. Run it once after ``pip install -e '.[dev]'``.
+
+``tensorrt-stubs`` declares a dependency on ``tensorrt`` itself, whose install downloads from NVIDIA's
+index and fails on machines without it; when the stubs are missing this script installs them with
+``pip install --no-deps`` (they need nothing at type-check time).
 """
 
 from __future__ import annotations
 
 import re
 import shutil
+import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 TARGET = REPO / "build" / "typings"
+STUBS = "tensorrt-stubs==10.13.0.35.1"
 
 # (pattern, replacement) applied to every stub file
 FIXES: list[tuple[str, str]] = [
@@ -37,8 +43,12 @@ def main() -> int:
     try:
         dist = metadata.distribution("tensorrt-stubs")
     except metadata.PackageNotFoundError:
-        print("tensorrt-stubs is not installed: pip install -e '.[dev]'", file=sys.stderr)
-        return 1
+        print(f"installing {STUBS} without its dependencies (it only needs to be read)")
+        done = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", STUBS], check=False)
+        if done.returncode != 0:
+            print(f"cannot install {STUBS}: pip exited {done.returncode}", file=sys.stderr)
+            return 1
+        dist = metadata.distribution("tensorrt-stubs")
     stubs = [f for f in dist.files or [] if f.name.endswith(".pyi")]
     if not stubs:
         print("tensorrt-stubs has no .pyi files; reinstall it", file=sys.stderr)
