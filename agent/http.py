@@ -1,0 +1,244 @@
+"""The agent's HTTP server: ``/metrics``, ``/healthz``, ``/`` (status page) and ``/preview.mjpg``.
+
+A stdlib ``ThreadingHTTPServer`` in a daemon thread (one thread per request, so a long MJPEG
+stream never blocks a Prometheus scrape). It only reads state the pipeline keeps up to date:
+
+* ``/metrics``: the Prometheus registry the pipeline and the MQTT link update at each event;
+* ``/healthz``: JSON from the agent's health callback; 200 when the model is loaded and every
+  camera produced a frame recently, else 503;
+* ``/``: a small HTML page with the health JSON, links and the preview of each camera;
+* ``/preview.mjpg?camera=NAME``: ``multipart/x-mixed-replace`` JPEG stream of the heatmap overlay
+  (rendered only while someone watches, at ``http.preview_fps``).
+"""
+
+from __future__ import annotations
+
+import errno
+import html
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from agent.config import HttpConfig
+from agent.errors import HttpError
+
+log = logging.getLogger(__name__)
+
+HealthFn = Callable[[], tuple[bool, dict[str, Any]]]
+_BOUNDARY = "fodframe"
+
+
+class PreviewHub:
+    """The newest preview JPEG of each camera, and how many clients watch it (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._frames: dict[str, tuple[int, bytes]] = {}
+        self._watchers: dict[str, int] = {}
+        self.closed = False
+
+    def watching(self, camera: str) -> bool:
+        """True while at least one client streams ``camera``'s preview."""
+        return self._watchers.get(camera, 0) > 0
+
+    def publish(self, camera: str, jpeg: bytes) -> None:
+        """Store a new preview frame of ``camera`` and wake its streams."""
+        with self._cond:
+            version = self._frames.get(camera, (0, b""))[0] + 1
+            self._frames[camera] = (version, jpeg)
+            self._cond.notify_all()
+
+    def next_frame(self, camera: str, after: int, timeout_s: float) -> tuple[int, bytes] | None:
+        """Wait for a frame of ``camera`` newer than version ``after``.
+
+        Returns:
+            ``(version, jpeg)``, or None on timeout or when the hub is closed.
+        """
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while not self.closed:
+                current = self._frames.get(camera)
+                if current is not None and current[0] > after:
+                    return current
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cond.wait(left)
+        return None
+
+    def add_watcher(self, camera: str, delta: int) -> None:
+        """Count a client starting (+1) or stopping (-1) a stream."""
+        with self._cond:
+            self._watchers[camera] = max(0, self._watchers.get(camera, 0) + delta)
+
+    def close(self) -> None:
+        """End every stream."""
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+
+
+class AgentHttpServer:
+    """HTTP endpoints of the agent, served from a daemon thread.
+
+    Args:
+        config: ``[http]`` settings (``port`` 0 means the server is not started).
+        registry: the Prometheus registry to expose.
+        health: returns ``(healthy, details)``.
+        cameras: camera names (for the status page and the preview default).
+        preview: the hub the pipeline fills with overlay frames.
+    """
+
+    def __init__(
+        self,
+        config: HttpConfig,
+        *,
+        registry: CollectorRegistry,
+        health: HealthFn,
+        cameras: list[str],
+        preview: PreviewHub,
+    ) -> None:
+        self.config = config
+        self.registry = registry
+        self.health = health
+        self.cameras = cameras
+        self.preview = preview
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        """The port actually bound (0 when not running)."""
+        return int(self._server.server_address[1]) if self._server is not None else 0
+
+    def start(self) -> None:
+        """Bind and serve in a background thread; nothing happens when ``http.port`` is 0.
+
+        Raises:
+            HttpError: the port is in use or the address cannot be bound (names ``http.port`` /
+                ``http.host`` and the fix).
+        """
+        if self.config.port == 0:
+            log.info("HTTP server disabled (http.port = 0)")
+            return
+        handler = _make_handler(self)
+        try:
+            server = ThreadingHTTPServer((self.config.host, self.config.port), handler)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise HttpError(
+                    f"http.port {self.config.port} on {self.config.host} is already in use "
+                    "(another fod-agent or service?); choose a free port with http.port in config.toml "
+                    "or --http-port, or disable the "
+                    "HTTP server with --http-port 0"
+                ) from exc
+            raise HttpError(
+                f"cannot listen on http.host {self.config.host!r} port {self.config.port}: {exc}; "
+                "check http.host (0.0.0.0 = all interfaces, 127.0.0.1 = local only)"
+            ) from exc
+        server.daemon_threads = True
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="http", daemon=True
+        )
+        self._thread.start()
+        log.info("HTTP on http://%s:%d/ (/metrics, /healthz, /preview.mjpg)", self.config.host, self.port)
+
+    def stop(self) -> None:
+        """Stop serving and close the socket. Idempotent."""
+        self.preview.close()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(2.0)
+            self._thread = None
+
+
+def _make_handler(app: AgentHttpServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "fod-agent"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            log.debug("http %s - " + format, self.address_string(), *args)
+
+        def do_GET(self) -> None:
+            url = urlparse(self.path)
+            try:
+                if url.path == "/metrics":
+                    self._send(200, CONTENT_TYPE_LATEST, generate_latest(app.registry))
+                elif url.path == "/healthz":
+                    healthy, details = app.health()
+                    body = json.dumps({"healthy": healthy, **details}, indent=2).encode()
+                    self._send(200 if healthy else 503, "application/json", body)
+                elif url.path in ("/", "/index.html"):
+                    self._send(200, "text/html; charset=utf-8", _status_page(app).encode())
+                elif url.path == "/preview.mjpg":
+                    camera = parse_qs(url.query).get("camera", [app.cameras[0] if app.cameras else ""])[0]
+                    if camera not in app.cameras:
+                        self._send(404, "text/plain", f"unknown camera {camera!r}; known: {app.cameras}\n".encode())
+                    else:
+                        self._stream(camera)
+                else:
+                    self._send(404, "text/plain", b"not found; try /, /metrics, /healthz, /preview.mjpg\n")
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+        def _send(self, code: int, content_type: str, body: bytes) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _stream(self, camera: str) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", f"multipart/x-mixed-replace; boundary={_BOUNDARY}")
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            app.preview.add_watcher(camera, +1)
+            version = 0
+            try:
+                while not app.preview.closed:
+                    got = app.preview.next_frame(camera, version, timeout_s=1.0)
+                    if got is None:
+                        continue
+                    version, jpeg = got
+                    self.wfile.write(
+                        f"--{_BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n\r\n".encode()
+                    )
+                    self.wfile.write(jpeg)
+                    self.wfile.write(b"\r\n")
+                    self.wfile.flush()
+            finally:
+                app.preview.add_watcher(camera, -1)
+
+    return Handler
+
+
+def _status_page(app: AgentHttpServer) -> str:
+    healthy, details = app.health()
+    colour = "#2a2" if healthy else "#c22"
+    previews = "".join(
+        f"<figure><figcaption>{html.escape(c)}</figcaption>"
+        f'<img src="/preview.mjpg?camera={html.escape(c)}" width="{app.config.preview_width_px}"></figure>'
+        for c in app.cameras
+    )
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>fod-agent</title>"
+        "<meta http-equiv='refresh' content='30'>"
+        "<style>body{font-family:sans-serif;margin:1em}pre{background:#f4f4f4;padding:.5em}"
+        "figure{display:inline-block;margin:.5em}</style></head><body>"
+        f"<h1>fod-agent <span style='color:{colour}'>{'healthy' if healthy else 'unhealthy'}</span></h1>"
+        "<p><a href='/metrics'>/metrics</a> · <a href='/healthz'>/healthz</a></p>"
+        f"{previews}<h2>Status</h2><pre>{html.escape(json.dumps(details, indent=2))}</pre></body></html>"
+    )

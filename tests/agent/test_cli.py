@@ -1,0 +1,135 @@
+"""The fod-agent command: no torch, exit codes, clean shutdown on SIGTERM, demo flag."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from agent.cli import JsonFormatter, main
+from tests.agent.conftest import Mosquitto, Subscriber
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def test_the_agent_does_not_import_torch() -> None:
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = None  # any `import torch` now raises ImportError\n"
+        "import agent.cli, agent.pipeline, agent.capture, agent.backends, agent.http, agent.snapshots\n"
+        "assert sys.modules['torch'] is None\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env(), timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.startswith("fod-agent ")
+
+
+def test_package_with_a_bad_hash_exits_1_naming_the_file(
+    tmp_path: Path, toy_package: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(toy_package, bad)
+    (bad / "model.onnx").write_bytes((bad / "model.onnx").read_bytes() + b"\0")
+    code = main(["--model", str(bad), "--threshold", "0.5", "--http-port", "0", "--source", str(tmp_path)])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "model.onnx" in err
+    assert "sha256" in err
+
+
+def test_uncalibrated_package_without_threshold_exits_2(
+    tmp_path: Path, toy_package: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--model", str(toy_package), "--http-port", "0", "--source", str(tmp_path)]) == 2
+    assert "fod calibrate" in capsys.readouterr().err
+
+
+def test_http_port_in_use_exits_1_naming_the_key(
+    tmp_path: Path, toy_package: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = main(["--model", str(toy_package), "--threshold", "0.5", "--http-port", str(port)])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert f"http.port {port}" in err
+    assert "already in use" in err
+
+
+def test_demo_flag_without_the_demo_says_so(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "agent.demo", None)  # as if agent/demo were not installed
+    assert main(["--demo"]) == 1
+    assert "demo is not available" in capsys.readouterr().err
+
+
+def test_json_log_lines() -> None:
+    record = logging.LogRecord("agent.x", logging.WARNING, __file__, 1, "camera %s lost", ("cam0",), None)
+    record.camera = "cam0"
+    line = json.loads(JsonFormatter().format(record))
+    assert line["level"] == "WARNING"
+    assert line["msg"] == "camera cam0 lost"
+    assert line["camera"] == "cam0"
+    assert line["logger"] == "agent.x"
+
+
+def test_sigterm_stops_cleanly_and_publishes_offline(
+    tmp_path: Path, mosquitto: Mosquitto, topic_root: str, toy_package: Path, subscriber: Callable[..., Subscriber]
+) -> None:
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(folder / f"{i}.png"), np.full((48, 64, 3), 128, np.uint8))
+    sub = subscriber(mosquitto, f"{topic_root}/#")
+    args = [
+        sys.executable, "-m", "agent.cli",
+        "--model", str(toy_package), "--threshold", "0.5",
+        "--source", str(folder), "--loop", "--fps", "20",
+        "--broker", f"mqtt://{mosquitto.host}:{mosquitto.port}", "--topic-root", topic_root,
+        "--agent-id", "sigterm-test", "--http-port", "0", "--snapshots-dir", str(tmp_path / "snaps"),
+        "--log-format", "json",
+    ]  # fmt: skip
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        sub.wait_for(f"{topic_root}/cam0/result", 2, timeout_s=30)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stderr
+    status = [m.json() for m in sub.wait_until(f"{topic_root}/status", lambda ms: len(ms) >= 2, 10)]
+    assert status[0]["state"] == "online"
+    assert status[-1]["state"] == "offline"
+    assert status[-1]["agent_id"] == "sigterm-test"
+    assert sub.get(f"{topic_root}/cam0/state")[-1].json()["state"] == "ended"  # camera released
+    logs = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    assert any("signal SIGTERM" in entry["msg"] for entry in logs)
+    assert (tmp_path / "var" / "outbox").is_dir()  # default outbox relative to the working directory

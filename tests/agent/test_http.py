@@ -1,0 +1,135 @@
+"""The HTTP server: /metrics, /healthz, status page, MJPEG preview, port in use."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter
+
+from agent.config import HttpConfig
+from agent.errors import HttpError
+from agent.http import AgentHttpServer, PreviewHub
+from tests.conftest import free_port
+
+
+class Health:
+    def __init__(self) -> None:
+        self.healthy = True
+
+    def __call__(self) -> tuple[bool, dict[str, Any]]:
+        return self.healthy, {"cameras": {"cam0": {"state": "connected" if self.healthy else "failed"}}}
+
+
+@pytest.fixture
+def server() -> Iterator[tuple[AgentHttpServer, Health, Counter]]:
+    registry = CollectorRegistry()
+    counter = Counter("fod_test_events_total", "test", registry=registry)
+    health = Health()
+    app = AgentHttpServer(
+        HttpConfig(host="127.0.0.1", port=free_port()),
+        registry=registry,
+        health=health,
+        cameras=["cam0"],
+        preview=PreviewHub(),
+    )
+    app.start()
+    try:
+        yield app, health, counter
+    finally:
+        app.stop()
+
+
+def get(port: int, path: str) -> tuple[int, str, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.headers["Content-Type"], response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers["Content-Type"], exc.read()
+
+
+def test_metrics_serves_the_registry(server: tuple[AgentHttpServer, Health, Counter]) -> None:
+    app, _, counter = server
+    counter.inc(3)
+    status, content_type, body = get(app.port, "/metrics")
+    assert status == 200
+    assert content_type.startswith("text/plain")
+    assert "fod_test_events_total 3.0" in body.decode()
+
+
+def test_healthz_is_200_or_503(server: tuple[AgentHttpServer, Health, Counter]) -> None:
+    app, health, _ = server
+    status, content_type, body = get(app.port, "/healthz")
+    assert (status, content_type) == (200, "application/json")
+    assert json.loads(body)["healthy"] is True
+    health.healthy = False
+    status, _, body = get(app.port, "/healthz")
+    assert status == 503
+    assert json.loads(body)["cameras"]["cam0"]["state"] == "failed"
+
+
+def test_status_page_links_the_preview(server: tuple[AgentHttpServer, Health, Counter]) -> None:
+    app, _, _ = server
+    status, content_type, body = get(app.port, "/")
+    assert status == 200
+    assert content_type.startswith("text/html")
+    assert b"/preview.mjpg?camera=cam0" in body
+    assert get(app.port, "/nope")[0] == 404
+    assert get(app.port, "/preview.mjpg?camera=other")[0] == 404
+
+
+def test_preview_streams_jpeg_parts_while_watched(server: tuple[AgentHttpServer, Health, Counter]) -> None:
+    app, _, _ = server
+    assert not app.preview.watching("cam0")
+    jpeg = b"\xff\xd8fake-jpeg\xff\xd9"
+    stop = threading.Event()
+
+    def feed() -> None:
+        while not stop.wait(0.02):
+            if app.preview.watching("cam0"):
+                app.preview.publish("cam0", jpeg)
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{app.port}/preview.mjpg", timeout=5) as response:
+            assert response.headers["Content-Type"].startswith("multipart/x-mixed-replace")
+            data = b""
+            while data.count(jpeg) < 2:
+                data += response.read1(4096)
+    finally:
+        stop.set()
+        feeder.join()
+    assert b"Content-Type: image/jpeg" in data
+    assert b"--fodframe" in data
+
+
+def test_port_in_use_names_the_key_and_the_fix() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        app = AgentHttpServer(
+            HttpConfig(host="127.0.0.1", port=port),
+            registry=CollectorRegistry(),
+            health=Health(),
+            cameras=[],
+            preview=PreviewHub(),
+        )
+        with pytest.raises(HttpError, match=rf"http\.port {port}.*already in use.*--http-port 0"):
+            app.start()
+
+
+def test_port_zero_disables_the_server() -> None:
+    app = AgentHttpServer(
+        HttpConfig(port=0), registry=CollectorRegistry(), health=Health(), cameras=[], preview=PreviewHub()
+    )
+    app.start()
+    assert app.port == 0
+    app.stop()
