@@ -79,10 +79,7 @@ class SnapshotStore:
         Raises:
             OSError: the folder cannot be written (disk full, permissions); the caller logs it.
         """
-        stamp = (
-            time.strftime("%Y%m%d-%H%M%S", time.localtime(capture_ts))
-            + f".{int(capture_ts * 1000) % 1000:03d}"
-        )
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(capture_ts)) + f".{int(capture_ts * 1000) % 1000:03d}"
         final = self.root / camera / f"{stamp}_{seq:08d}"
         with self._lock:
             tmp = final.with_name(final.name + ".tmp")

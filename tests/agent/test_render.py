@@ -19,9 +19,7 @@ from agent.render import (
 
 def test_scale_is_half_at_threshold() -> None:
     scale = MapScale(low=0.0, threshold=0.2, high=1.0)
-    assert scale.normalize(np.array([0.0, 0.1, 0.2, 0.6, 5.0])).tolist() == pytest.approx(
-        [0, 0.25, 0.5, 0.75, 1.0]
-    )
+    assert scale.normalize(np.array([0.0, 0.1, 0.2, 0.6, 5.0])).tolist() == pytest.approx([0, 0.25, 0.5, 0.75, 1.0])
 
 
 def test_frame_map_pastes_rois_at_frame_resolution() -> None:
