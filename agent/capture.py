@@ -515,6 +515,15 @@ class CameraWorker:
             if self._thread.is_alive():
                 log.warning("camera %s: capture thread still blocked in read() after %.1f s", self.name, timeout_s)
 
+    def __enter__(self) -> CameraWorker:
+        """Start the capture thread."""
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Stop the thread and release the source."""
+        self.stop()
+
     @property
     def alive(self) -> bool:
         """True while the capture thread runs."""

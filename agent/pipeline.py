@@ -347,8 +347,9 @@ class Agent:
     async def _state_ticker(self) -> None:
         while True:
             await asyncio.sleep(self.config.pipeline.state_interval_s)
-            for runtime in self.cameras.values():
+            for name, runtime in self.cameras.items():
                 self._publish_state(runtime.worker.status())
+                self.metrics.queue_depth.labels(f"frames_{name}").set(runtime.worker.slot.depth)
             assert self._publish_queue is not None
             self.metrics.queue_depth.labels("publish").set(self._publish_queue.qsize())
 
