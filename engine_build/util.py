@@ -63,7 +63,8 @@ def require_tensorrt(purpose: str) -> str:
     if not major.isdigit() or int(major) < MIN_TENSORRT_MAJOR:
         raise TensorRTUnavailableError(
             f"{purpose} needs TensorRT {MIN_TENSORRT_MAJOR} or newer (strongly typed networks, "
-            f"execute_async_v3), found {version}; on a Jetson upgrade to JetPack 6.1 or newer.\n{INSTALL_HELP}"
+            f"execute_async_v3), found {version}; on a Jetson upgrade to JetPack 6.1 or newer.\n"
+            f"{INSTALL_HELP}"
         )
     return version
 

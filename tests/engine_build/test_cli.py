@@ -70,7 +70,7 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> fake_trt.FakeState:
     return fake_trt.install(monkeypatch)
 
 
-def test_build_writes_engine_and_manifest(fake, pkg: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+def test_build_writes_engine_and_manifest(fake, pkg: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
     cache = tmp_path / "trt.cache"
     argv = [
         "build",
@@ -168,7 +168,7 @@ def test_missing_onnxruntime_is_reported_before_building(
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real_find_spec(name, *a)
+        importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real_find_spec(name)
     )
     assert main(["build", "--model", str(pkg), "--precision", "fp32"]) == 2
     assert "`pip install onnxruntime`" in capsys.readouterr().err
