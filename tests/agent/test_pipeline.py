@@ -431,3 +431,99 @@ def test_source_that_cannot_be_opened_is_published_and_unhealthy(
     run.stop()
     status = [m.json()["state"] for m in sub.get(f"{topic_root}/status")]
     assert status[-1] == "offline"
+
+
+def test_preview_stream_shows_the_overlay(
+    tmp_path: Path,
+    mosquitto: Mosquitto,
+    topic_root: str,
+    toy_package: Path,
+    running: Callable[[Agent], Running],
+) -> None:
+    write_folder(tmp_path / "imgs", [96, 0])
+    port = free_port()
+    config = make_config(
+        tmp_path,
+        mosquitto,
+        topic_root,
+        toy_package,
+        tmp_path / "imgs",
+        **{
+            "exit_at_end": False,
+            "cameras.0.loop": True,
+            "cameras.0.fps": 30.0,
+            "http.host": "127.0.0.1",
+            "http.port": port,
+            "http.preview_fps": 30.0,
+            "http.preview_width_px": 64,
+        },
+    )
+    run = running(Agent(config))
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/preview.mjpg?camera=cam0", timeout=10) as stream:
+        data = b""
+        while data.count(b"\xff\xd9") < 1:
+            data += stream.read1(65536)
+    start = data.index(b"\xff\xd8")
+    image = cv2.imdecode(np.frombuffer(data[start : data.index(b"\xff\xd9") + 2], np.uint8), cv2.IMREAD_COLOR)
+    assert image is not None
+    assert image.shape == (48, 64, 3)  # 128x96 frame shrunk to preview_width_px, aspect kept
+    run.stop()
+
+
+class AlarmingObject:
+    """A finite source whose scores raise and clear the alarm twice (debounce 1-of-1)."""
+
+    is_live = False
+
+    def __init__(self) -> None:
+        self.blobs = [0, 96, 0, 96, 0]
+        self.index = -1
+
+    def read(self) -> tuple[bool, Any]:
+        self.index += 1
+        if self.index >= len(self.blobs):
+            return False, None
+        self.last_id = self.index
+        return True, frame(self.blobs[self.index])
+
+
+def test_alarms_raised_while_the_broker_is_down_arrive_in_order(
+    tmp_path: Path,
+    mosquitto: Mosquitto,
+    topic_root: str,
+    toy_package: Path,
+    subscriber: Callable[..., Subscriber],
+    running: Callable[[Agent], Running],
+) -> None:
+    mosquitto.stop()  # down at start
+    config = make_config(
+        tmp_path,
+        mosquitto,
+        topic_root,
+        toy_package,
+        **{
+            "exit_at_end": False,
+            "decision.debounce_n": 1,
+            "decision.debounce_m": 1,
+            "pipeline.broker_wait_s": 0.1,
+            "mqtt.reconnect_min_s": 1.0,  # slow enough for the subscriber to be first after the restart
+            "mqtt.reconnect_max_s": 1.0,
+        },
+    )
+    run = running(Agent(config, sources={"cam0": AlarmingObject()}))
+    agent = run.agent
+    assert agent.link is not None
+    deadline = time.monotonic() + 20
+    while agent.link.outbox_depth < 4 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert agent.link.outbox_depth == 4  # every alarm stored while the broker is away
+    assert agent.metrics.value("fod_frames_scored_total") == 5  # scoring went on without a broker
+
+    mosquitto.start()
+    sub = subscriber(mosquitto, f"{topic_root}/#")
+    alarms = [m.json() for m in sub.wait_for(f"{topic_root}/cam0/alarm", 4, timeout_s=20)]
+    assert [(a["state"], a["source_frame"]) for a in alarms] == [("NG", 1), ("OK", 2), ("NG", 3), ("OK", 4)]
+    assert [a["alarm_seq"] for a in alarms] == [1, 2, 3, 4]
+    assert sub.wait_for(f"{topic_root}/status", 1)[-1].json()["state"] == "online"
+    run.stop()
+    assert sub.wait_for(f"{topic_root}/status", 2)[-1].json()["state"] == "offline"
