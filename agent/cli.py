@@ -25,6 +25,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from agent import __version__
 from agent.errors import AgentError, BrokerError, ConfigError
@@ -75,6 +76,47 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="minimum log level")
     run.add_argument("--demo", action="store_true", help="run the embedded demo (synthetic conveyor, demo model)")
     return p
+
+
+def parse_broker(url: str) -> dict[str, Any]:
+    """Parse ``--broker`` into its parts (used by the demo to find its broker).
+
+    Args:
+        url: ``mqtt://host[:port]``, ``mqtts://host[:port]`` (TLS, default port 8883) or ``host[:port]``;
+            an optional ``user@`` gives the user name.
+
+    Returns:
+        ``{"mqtt.host": str, "mqtt.port": int}`` plus ``"mqtt.username"`` when given and
+        ``"mqtt.tls.enabled": True`` for ``mqtts``. The TLS entry is a flag for the caller, not a
+        config key: the agent applies ``--broker`` with :func:`apply_broker`.
+
+    Raises:
+        ConfigError: an unknown scheme, no host, a bad port or a password in the URL.
+    """
+    text = url if "://" in url else f"mqtt://{url}"
+    parts = urlsplit(text)
+    if parts.scheme not in ("mqtt", "mqtts"):
+        raise ConfigError(
+            f"--broker {url!r}: unknown scheme {parts.scheme!r}; use mqtt://host:port or mqtts://host:port"
+        )
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"--broker {url!r}: invalid port; use mqtt://host:1883") from exc
+    if not parts.hostname:
+        raise ConfigError(f"--broker {url!r}: no host; use mqtt://host:port")
+    if parts.password:
+        raise ConfigError(
+            f"--broker {url!r}: do not put the password in the URL; set mqtt.password_env to the name of an "
+            "environment variable that holds it"
+        )
+    tls = parts.scheme == "mqtts"
+    parsed: dict[str, Any] = {"mqtt.host": parts.hostname, "mqtt.port": port or (8883 if tls else 1883)}
+    if tls:
+        parsed["mqtt.tls.enabled"] = True
+    if parts.username:
+        parsed["mqtt.username"] = parts.username
+    return parsed
 
 
 def apply_broker(config: Any, url: str) -> Any:

@@ -113,6 +113,28 @@ def test_broker_flag(url: str, host: str, port: int, tls: bool) -> None:
     assert (mqtt.host, mqtt.port, mqtt.tls is not None) == (host, port, tls)
 
 
+@pytest.mark.parametrize(
+    ("url", "parsed"),
+    [
+        ("mqtt://h:1884", {"mqtt.host": "h", "mqtt.port": 1884}),
+        ("mqtts://u@h", {"mqtt.host": "h", "mqtt.port": 8883, "mqtt.tls.enabled": True, "mqtt.username": "u"}),
+        ("h", {"mqtt.host": "h", "mqtt.port": 1883}),
+    ],
+)
+def test_parse_broker(url: str, parsed: dict[str, object]) -> None:
+    from agent.cli import parse_broker
+
+    assert parse_broker(url) == parsed
+
+
+@pytest.mark.parametrize("url", ["ftp://h", "mqtt://u:secret@h", "mqtt://h:notaport"])
+def test_parse_broker_refuses(url: str) -> None:
+    from agent.cli import parse_broker
+
+    with pytest.raises(ConfigError, match="--broker"):
+        parse_broker(url)
+
+
 def test_bad_broker_url_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--broker", "http://x:1", "--check-config"]) == 2
     assert "--broker" in capsys.readouterr().err
