@@ -7,6 +7,8 @@ Everything that feeds the model calls :func:`to_model_input`, so a frame gives t
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import cv2
 import numpy as np
 
@@ -85,16 +87,10 @@ def read_image(path: str, *, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
     Raises:
         InputError: the file is missing or cannot be decoded.
     """
-    data = np.fromfile(path, dtype=np.uint8) if _exists(path) else None
+    data = np.fromfile(path, dtype=np.uint8) if Path(path).is_file() else None
     if data is None:
         raise InputError(f"{path}: file not found")
     image = cv2.imdecode(data, flags) if data.size else None
     if image is None:
         raise InputError(f"{path}: cannot decode the image (corrupt or not an image); replace or remove it")
     return image
-
-
-def _exists(path: str) -> bool:
-    import os
-
-    return os.path.isfile(path)

@@ -1,0 +1,357 @@
+"""The FOD model: one transformer per feature level, test-time scoring, and the full frame-to-map graph.
+
+Follows the reference behaviour described in ``docs`` fod-method.md (Yao et al., "Focus the
+Discrepancy", ICCV 2023, arXiv 2308.02983) with the project's fixes: any batch size, reference
+features as buffers, the RBF target in softmax form, attention as matmul, no einsum or Tile.
+
+Shapes: ``N`` batch, ``L = h*w`` tokens of a level, ``C`` backbone channels, ``d`` model width,
+``H`` heads.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fod.backbone import FeatureExtractor
+
+EPS_KL = 1e-4  # fod-method.md section 3.1
+
+
+@dataclass
+class FODConfig:
+    """Hyper-parameters of a FOD model (saved in the checkpoint; loading needs nothing else).
+
+    Attributes:
+        backbone: feature extractor name (``fod.backbone.BACKBONES``).
+        image_size: square input size in px.
+        d_models: transformer width per level (stride 8, stride 16).
+        heads: attention heads (8 in the reference).
+        layers: encoder layers per level (3 in the reference).
+        ffn_mult: FFN hidden size = ffn_mult * d.
+        lambda1, lambda2: loss weights of the KL and entropy terms (0.5, 0.5 in the reference).
+        smooth_sigma: Gaussian sigma of the anomaly map in px (4 in the reference).
+    """
+
+    backbone: str = "efficientnet_lite0"
+    image_size: int = 256
+    d_models: tuple[int, int] = (128, 256)
+    heads: int = 8
+    layers: int = 3
+    ffn_mult: int = 4
+    lambda1: float = 0.5
+    lambda2: float = 0.5
+    smooth_sigma: float = 4.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable dict."""
+        d = asdict(self)
+        d["d_models"] = list(self.d_models)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FODConfig:
+        """Inverse of :meth:`to_dict` (unknown keys raise TypeError)."""
+        d = dict(d)
+        d["d_models"] = tuple(d["d_models"])
+        return cls(**d)
+
+
+def sincos_position_2d(d: int, h: int, w: int) -> torch.Tensor:
+    """Fixed 2-D sin/cos positional code (fod-method.md 2.1).
+
+    Channels ``[0, d/2)`` encode the column, ``[d/2, d)`` the row; pair ``k`` of a half uses
+    ``omega_k = exp(-2k ln(1e4) / (d/2))``, even channels sin, odd channels cos.
+
+    Returns:
+        ``[h*w, d]`` float32, row-major token order.
+    """
+    if d % 4:
+        raise ValueError(f"d_model {d} must be a multiple of 4 for the 2-D positional code")
+    half = d // 2
+    omega = torch.exp(-torch.arange(0, half, 2, dtype=torch.float64) * math.log(1e4) / half)  # [d/4]
+
+    def encode(pos: torch.Tensor) -> torch.Tensor:
+        angles = pos[:, None].double() * omega[None, :]  # [P, d/4]
+        out = torch.zeros(pos.numel(), half, dtype=torch.float64)
+        out[:, 0::2] = torch.sin(angles)
+        out[:, 1::2] = torch.cos(angles)
+        return out
+
+    rows = torch.arange(h).repeat_interleave(w)
+    cols = torch.arange(w).repeat(h)
+    return torch.cat([encode(cols), encode(rows)], dim=1).float()
+
+
+def squared_distance_maps(h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``D^y_ij = (row_i - row_j)^2`` and ``D^x_ij = (col_i - col_j)^2``, each ``[L, L]`` float32."""
+    rows = torch.arange(h).repeat_interleave(w).float()
+    cols = torch.arange(w).repeat(h).float()
+    return (rows[:, None] - rows[None, :]) ** 2, (cols[:, None] - cols[None, :]) ** 2
+
+
+def rbf_target(sigma: torch.Tensor, dist_y: torch.Tensor, dist_x: torch.Tensor) -> torch.Tensor:
+    """Row-normalised Gaussian target correlation in softmax form (fod-method.md 2.3).
+
+    ``P_hij = softmax_j(-D^y_ij / (2 sigma_y,hi^2) - D^x_ij / (2 sigma_x,hi^2))``, which equals the
+    reference's ``T / sum_j T`` with ``T = exp(...) / (2 pi sigma_y sigma_x)``: the prefactor cancels.
+
+    Args:
+        sigma: ``[N, H, L, 2]`` float32 (channel 0 sigma_y, 1 sigma_x), in grid cells.
+        dist_y, dist_x: ``[L, S]`` float32 squared distances.
+
+    Returns:
+        ``[N, H, L, S]`` float32, rows sum to 1.
+    """
+    inv_y = 0.5 / sigma[..., 0:1].square()
+    inv_x = 0.5 / sigma[..., 1:2].square()
+    return torch.softmax(-(dist_y * inv_y + dist_x * inv_x), dim=-1)
+
+
+def symmetric_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``KL(p||q) + KL(q||p)`` with the reference's 1e-4 smoothing, averaged over heads.
+
+    ``sum_j (p - q) (log(p + eps) - log(q + eps))`` (fod-method.md 3.1), which equals the sum of the two
+    KL terms as the reference writes them.
+
+    Args:
+        p, q: ``[N, H, L, S]`` row distributions.
+
+    Returns:
+        ``[N, L]`` float32.
+    """
+    return ((p - q) * (torch.log(p + EPS_KL) - torch.log(q + EPS_KL))).sum(-1).mean(1)
+
+
+def entropy(p: torch.Tensor) -> torch.Tensor:
+    """``H(p) = -sum_j p log(p + eps)`` averaged over heads: ``[N, H, L, S]`` -> ``[N, L]``."""
+    return -(p * torch.log(p + EPS_KL)).sum(-1).mean(1)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with learned per-token RBF sigma (the reference's ``Attention2D``).
+
+    No output projection (the reference computes and discards it). Sigma comes from the query
+    input ``x`` in both branches: ``sigma = 3^(sigmoid(5 W_s x) + 1e-5) - 1``.
+    """
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(d, d)
+        self.k = nn.Linear(d, d)
+        self.v = nn.Linear(d, d)
+        self.sigma = nn.Linear(d, 2 * heads)
+        self.scale = 1.0 / math.sqrt(d // heads)
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, L, d]`` -> ``[N, H, L, d/H]``."""
+        n, length, d = x.shape
+        return x.reshape(n, length, self.heads, d // self.heads).transpose(1, 2)
+
+    def forward(
+        self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attend.
+
+        Args:
+            x: ``[N, L, d]`` query input.
+            k, v: ``[N or 1, H, S, d/H]`` already projected and split keys and values.
+
+        Returns:
+            output ``[N, L, d]`` (heads concatenated) and attention map ``[N, H, L, S]``.
+        """
+        q = self.split(self.q(x))
+        attn = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * self.scale, dim=-1)
+        out = torch.matmul(attn, v)  # [N, H, L, d/H]
+        n, heads, length, dh = out.shape
+        return out.transpose(1, 2).reshape(n, length, heads * dh), attn
+
+    def sigmas(self, x: torch.Tensor) -> torch.Tensor:
+        """Learned sigma per token and head: ``[N, L, d]`` -> ``[N, H, L, 2]`` in grid cells."""
+        n, length, _ = x.shape
+        raw = self.sigma(x).reshape(n, length, self.heads, 2).transpose(1, 2)
+        return torch.pow(3.0, torch.sigmoid(5.0 * raw) + 1e-5) - 1.0
+
+
+@dataclass
+class LayerMaps:
+    """Attention maps and targets of one encoder layer (training and scoring)."""
+
+    inter_attn: torch.Tensor
+    inter_target: torch.Tensor
+    intra_attn: torch.Tensor | None = None
+    intra_target: torch.Tensor | None = None
+
+
+class EncoderLayer(nn.Module):
+    """Post-norm layer with I2Correlation fusion ``y = LN1(A - B)``, ``out = LN2(y + FFN(y))``."""
+
+    def __init__(self, d: int, heads: int, ffn_mult: int) -> None:
+        super().__init__()
+        self.intra = Attention(d, heads)
+        self.inter = Attention(d, heads)
+        self.norm1 = nn.LayerNorm(d)
+        self.norm2 = nn.LayerNorm(d)
+        self.ffn = nn.Sequential(nn.Linear(d, ffn_mult * d), nn.GELU(), nn.Linear(ffn_mult * d, d))
+
+    def forward(
+        self, x: torch.Tensor, ref: torch.Tensor, dist: tuple[torch.Tensor, torch.Tensor], training_maps: bool
+    ) -> tuple[torch.Tensor, LayerMaps]:
+        """``x`` ``[N, L, d]``, ``ref`` ``[1, S, d]`` embedded reference -> ``[N, L, d]`` and the maps."""
+        a, intra_attn = self.intra(x, self.intra.split(self.intra.k(x)), self.intra.split(self.intra.v(x)))
+        b, inter_attn = self.inter(x, self.inter.split(self.inter.k(ref)), self.inter.split(self.inter.v(ref)))
+        y = self.norm1(a - b)
+        out = self.norm2(y + self.ffn(y))
+        maps = LayerMaps(inter_attn, rbf_target(self.inter.sigmas(x), *dist))
+        if training_maps:
+            maps.intra_attn = intra_attn
+            maps.intra_target = rbf_target(self.intra.sigmas(x), *dist)
+        return out, maps
+
+
+class FODLevel(nn.Module):
+    """One FOD transformer for one feature level.
+
+    Args:
+        channels: backbone channels C of the level.
+        grid: ``(h, w)`` feature grid.
+        d: model width; heads, layers, ffn_mult: see :class:`FODConfig`.
+
+    Buffers: ``reference`` ``[1, L, C]`` (mean training feature per position), ``pos`` ``[1, L, d]``,
+    ``dist_y``/``dist_x`` ``[L, L]``.
+    """
+
+    pos: torch.Tensor
+    dist_y: torch.Tensor
+    dist_x: torch.Tensor
+    reference: torch.Tensor
+
+    def __init__(self, channels: int, grid: tuple[int, int], d: int, heads: int, layers: int, ffn_mult: int) -> None:
+        super().__init__()
+        h, w = grid
+        self.grid = grid
+        self.embed = nn.Linear(channels, d)
+        self.ref_embed = nn.Linear(channels, d)
+        for lin in (self.embed, self.ref_embed):
+            nn.init.kaiming_normal_(lin.weight, mode="fan_in", nonlinearity="leaky_relu")
+        self.layers = nn.ModuleList([EncoderLayer(d, heads, ffn_mult) for _ in range(layers)])
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, channels)
+        dist_y, dist_x = squared_distance_maps(h, w)
+        self.register_buffer("pos", sincos_position_2d(d, h, w)[None])
+        self.register_buffer("dist_y", dist_y)
+        self.register_buffer("dist_x", dist_x)
+        self.register_buffer("reference", torch.zeros(1, h * w, channels))
+
+    def forward(self, tokens: torch.Tensor, training_maps: bool = False) -> tuple[torch.Tensor, list[LayerMaps]]:
+        """Reconstruct tokens.
+
+        Args:
+            tokens: ``[N, L, C]`` pooled backbone features, row-major.
+            training_maps: also return the intra maps and targets (training only).
+
+        Returns:
+            reconstruction ``[N, L, C]`` and one :class:`LayerMaps` per layer.
+        """
+        x = self.embed(tokens) + self.pos
+        ref = self.ref_embed(self.reference) + self.pos  # same for all layers (reference quirk 3)
+        maps = []
+        for layer in self.layers:
+            x, m = layer(x, ref, (self.dist_y, self.dist_x), training_maps)
+            maps.append(m)
+        return self.head(self.norm(x)), maps
+
+    def patch_scores(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Test-time patch score ``rec_i * inter_i`` (fod-method.md section 4, steps 1-4).
+
+        Returns:
+            ``[N, 1, h, w]`` float32.
+        """
+        recon, maps = self(tokens)
+        rec = (tokens - recon).square().mean(-1) + 1.0 - F.cosine_similarity(tokens, recon, dim=-1, eps=1e-8)
+        disc = torch.stack([symmetric_kl(m.inter_attn, m.inter_target) for m in maps]).mean(0)  # [N, L]
+        prob = torch.softmax(-disc, dim=-1)
+        inter = prob.amax(-1, keepdim=True) - prob
+        return (rec * inter).reshape(-1, 1, *self.grid)
+
+
+def gaussian_kernel_1d(sigma: float) -> torch.Tensor:
+    """Normalised 1-D Gaussian, radius ``int(4 sigma + 0.5)`` (scipy's truncate=4): 33 taps at sigma 4."""
+    radius = int(4.0 * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (k / k.sum()).float()
+
+
+class GaussianSmoothing(nn.Module):
+    """Separable Gaussian blur of ``[N, 1, H, W]`` maps with mirror padding (ONNX Pad ``reflect``).
+
+    The reference uses scipy's ``gaussian_filter`` whose ``reflect`` mode repeats the edge pixel;
+    ONNX has no such pad mode, so the graph mirrors without repeating it. The difference is
+    confined to the outer ``radius`` px and is far below the map's values there.
+    """
+
+    kx: torch.Tensor
+    ky: torch.Tensor
+
+    def __init__(self, sigma: float) -> None:
+        super().__init__()
+        k = gaussian_kernel_1d(sigma)
+        self.radius = (k.numel() - 1) // 2
+        self.register_buffer("kx", k.view(1, 1, 1, -1))
+        self.register_buffer("ky", k.view(1, 1, -1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, 1, H, W]`` -> ``[N, 1, H, W]`` float32."""
+        r = self.radius
+        x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), self.kx)
+        return F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), self.ky)
+
+
+class FODModel(nn.Module):
+    """Frame to answer: backbone, both FOD levels, scoring, upsampling, level average, smoothing.
+
+    ``forward(images)``: ``images`` uint8 ``[N, H, W, 3]`` BGR at ``config.image_size`` ->
+    ``anomaly_map`` float32 ``[N, 1, H, W]`` and ``score`` float32 ``[N]`` (max of the map).
+    This is exactly the exported ONNX graph.
+    """
+
+    def __init__(self, config: FODConfig, *, pretrained: bool = True) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = FeatureExtractor(config.backbone, config.image_size, pretrained=pretrained)
+        s = config.image_size
+        grids = ((s // 8, s // 8), (s // 16, s // 16))
+        self.levels: list[FODLevel] = nn.ModuleList(  # type: ignore[assignment]
+            [
+                FODLevel(c, g, d, config.heads, config.layers, config.ffn_mult)
+                for c, g, d in zip(self.backbone.channels, grids, config.d_models)
+            ]
+        )
+        self.smoothing = GaussianSmoothing(config.smooth_sigma)
+
+    @staticmethod
+    def tokens(feature: torch.Tensor) -> torch.Tensor:
+        """``[N, C, h, w]`` -> ``[N, h*w, C]`` row-major."""
+        return feature.flatten(2).transpose(1, 2)
+
+    def maps_from_features(self, features: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scoring from backbone features: ``(f8, f16)`` -> ``(anomaly_map [N,1,H,W], score [N])``."""
+        size = (self.config.image_size, self.config.image_size)
+        maps = [
+            F.interpolate(level.patch_scores(self.tokens(f)), size=size, mode="bilinear", align_corners=True)
+            for level, f in zip(self.levels, features)
+        ]
+        anomaly_map = self.smoothing(torch.stack(maps).mean(0))
+        return anomaly_map, anomaly_map.amax(dim=(1, 2, 3))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """See the class docstring."""
+        return self.maps_from_features(self.backbone(images))

@@ -1,0 +1,173 @@
+"""The FOD math: target in softmax form, KL/entropy, positions, shapes, batch invariance."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fod.losses import fod_loss, reconstruction_loss
+from fod.model import (
+    FODConfig,
+    FODLevel,
+    FODModel,
+    GaussianSmoothing,
+    entropy,
+    gaussian_kernel_1d,
+    rbf_target,
+    sincos_position_2d,
+    squared_distance_maps,
+    symmetric_kl,
+)
+
+
+def test_softmax_target_equals_normalised_rbf_kernel():
+    torch.manual_seed(0)
+    h = w = 5
+    dist_y, dist_x = squared_distance_maps(h, w)
+    sigma = torch.rand(2, 3, h * w, 2) * 1.5 + 0.2  # [N, H, L, 2]
+    sy, sx = sigma[..., 0:1].double(), sigma[..., 1:2].double()
+    kernel = torch.exp(-dist_y.double() / (2 * sy**2) - dist_x.double() / (2 * sx**2)) / (2 * math.pi * sy * sx)
+    expected = kernel / kernel.sum(-1, keepdim=True)
+    torch.testing.assert_close(rbf_target(sigma, dist_y, dist_x).double(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_target_with_tiny_sigma_is_one_hot_not_nan():
+    dist_y, dist_x = squared_distance_maps(4, 4)
+    sigma = torch.full((1, 1, 16, 2), 1e-5)
+    p = rbf_target(sigma, dist_y, dist_x)
+    assert torch.isfinite(p).all()
+    torch.testing.assert_close(p[0, 0], torch.eye(16))
+
+
+@pytest.mark.parametrize(
+    ("p", "q", "expected"),
+    [
+        # identical distributions: zero divergence
+        ([0.5, 0.5], [0.5, 0.5], 0.0),
+        # one-hot vs uniform, computed by hand with eps = 1e-4
+        (
+            [1.0, 0.0],
+            [0.5, 0.5],
+            (1.0 * (math.log(1.0001) - math.log(0.5001)) + 0.0)
+            + (0.5 * (math.log(0.5001) - math.log(1.0001)) + 0.5 * (math.log(0.5001) - math.log(1e-4))),
+        ),
+    ],
+)
+def test_symmetric_kl_known_values(p, q, expected):
+    pt = torch.tensor(p, dtype=torch.float64).view(1, 1, 1, -1)
+    qt = torch.tensor(q, dtype=torch.float64).view(1, 1, 1, -1)
+    assert symmetric_kl(pt, qt).item() == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert symmetric_kl(qt, pt).item() == pytest.approx(expected, rel=1e-9, abs=1e-12)  # symmetric
+
+
+@pytest.mark.parametrize(
+    ("p", "expected"),
+    [
+        ([1.0, 0.0, 0.0, 0.0], -math.log(1.0001)),  # one-hot: ~0
+        ([0.25] * 4, -4 * 0.25 * math.log(0.2501)),  # uniform: ~log 4
+    ],
+)
+def test_entropy_known_values(p, expected):
+    pt = torch.tensor(p, dtype=torch.float64).view(1, 1, 1, -1)
+    assert entropy(pt).item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_positional_code_layout():
+    pe = sincos_position_2d(8, 3, 4)  # d=8: 4 channels for x, 4 for y; 2 frequencies each
+    assert pe.shape == (12, 8)
+    token = 1 * 4 + 2  # row 1, column 2
+    omega1 = math.exp(-2 * math.log(1e4) / 4)
+    expected = [math.sin(2), math.cos(2), math.sin(2 * omega1), math.cos(2 * omega1),
+                math.sin(1), math.cos(1), math.sin(omega1), math.cos(omega1)]
+    torch.testing.assert_close(pe[token], torch.tensor(expected), rtol=1e-6, atol=1e-6)
+
+
+def test_distance_maps_row_major():
+    dist_y, dist_x = squared_distance_maps(2, 3)
+    # token 0 = (0,0), token 5 = (1,2)
+    assert dist_y[0, 5] == 1
+    assert dist_x[0, 5] == 4
+    assert dist_y[5, 5] == 0
+
+
+def test_gaussian_kernel_matches_scipy_radius_and_smoothing_keeps_mass():
+    k = gaussian_kernel_1d(4.0)
+    assert k.numel() == 33
+    assert k.sum().item() == pytest.approx(1.0, abs=1e-6)
+    smooth = GaussianSmoothing(4.0)
+    x = torch.zeros(1, 1, 64, 64)
+    x[0, 0, 32, 32] = 1.0
+    y = smooth(x)
+    assert y.sum().item() == pytest.approx(1.0, abs=1e-5)  # interior impulse keeps its mass
+    assert y.argmax().item() == 32 * 64 + 32
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    torch.manual_seed(0)
+    model = FODModel(FODConfig(image_size=64, d_models=(32, 32)))
+    for level in model.levels:  # a non-trivial reference
+        level.reference.normal_()
+    return model.eval()
+
+
+def test_level_shapes_at_256_px():
+    # the real resolutions of the default backbone at 256 px (without running the backbone)
+    for channels, grid, d in ((40, (32, 32), 128), (112, (16, 16), 256)):
+        level = FODLevel(channels, grid, d, heads=8, layers=3, ffn_mult=4)
+        tokens = torch.randn(1, grid[0] * grid[1], channels)
+        with torch.no_grad():
+            recon, maps = level(tokens, training_maps=True)
+            scores = level.patch_scores(tokens)
+        length = grid[0] * grid[1]
+        assert recon.shape == (1, length, channels)
+        assert len(maps) == 3
+        assert maps[0].inter_attn.shape == (1, 8, length, length)
+        assert maps[0].intra_target.shape == (1, 8, length, length)
+        assert scores.shape == (1, 1, *grid)
+
+
+def test_backbone_feature_shapes(small_model):
+    f8, f16 = small_model.backbone(torch.zeros(2, 64, 64, 3, dtype=torch.uint8))
+    assert f8.shape == (2, 40, 8, 8)
+    assert f16.shape == (2, 112, 4, 4)
+
+
+def test_result_same_alone_and_in_batch(small_model):
+    rng = np.random.default_rng(1)
+    images = torch.from_numpy(rng.integers(0, 256, (4, 64, 64, 3), dtype=np.uint8))
+    with torch.no_grad():
+        batch_map, batch_score = small_model(images)
+        for i in range(4):
+            alone_map, alone_score = small_model(images[i : i + 1])
+            torch.testing.assert_close(alone_map[0], batch_map[i], rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(alone_score[0], batch_score[i], rtol=1e-5, atol=1e-7)
+
+
+def test_score_is_max_of_map_and_patch_score_nonnegative(small_model):
+    images = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        amap, score = small_model(images)
+    assert amap.shape == (2, 1, 64, 64)
+    torch.testing.assert_close(score, amap.amax(dim=(1, 2, 3)))
+    assert (amap >= 0).all()
+
+
+def test_loss_gradients_follow_stop_gradient_rules():
+    torch.manual_seed(0)
+    level = FODLevel(8, (4, 4), 16, heads=2, layers=1, ffn_mult=2)
+    tokens = torch.randn(2, 16, 8)
+    recon, maps = level(tokens, training_maps=True)
+    loss, terms = fod_loss(tokens, recon, maps, 0.5, 0.5)
+    loss.backward()
+    assert set(terms) >= {"rec", "intra1", "intra2", "inter1", "inter2", "h_intra", "h_inter"}
+    assert terms["intra1"] == pytest.approx(terms["intra2"])  # same value, different gradient paths
+    layer = level.layers[0]
+    for module in (layer.intra.sigma, layer.inter.sigma, layer.intra.q, layer.inter.k, level.head):
+        assert module.weight.grad is not None
+        assert module.weight.grad.abs().sum() > 0
+    # the discarded out-projection does not exist; rec loss of identical tensors is zero
+    assert reconstruction_loss(tokens, tokens).item() == pytest.approx(0.0, abs=1e-6)
