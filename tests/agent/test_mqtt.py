@@ -284,18 +284,19 @@ def test_alarms_survive_broker_restart_mid_run(mosquitto_persistent, subscriber,
     link.start()
     assert link.connected.wait(5)
     topic = f"{topic_root}/cam0/alarm"
-    for i in range(1, 4):
-        link.publish_alarm("cam0", alarm(i))
+    raised = [link.publish_alarm("cam0", alarm(i)) for i in range(1, 4)]
     sub.wait_for(topic, 3)
     broker.stop()
-    for i in range(4, 8):  # raised while the broker goes away / is away
-        link.publish_alarm("cam0", alarm(i))
+    raised += [link.publish_alarm("cam0", alarm(i)) for i in range(4, 8)]  # while the broker goes / is away
     broker.start()
-    for i in range(8, 11):  # raised around the reconnection
-        link.publish_alarm("cam0", alarm(i))
+    raised += [link.publish_alarm("cam0", alarm(i)) for i in range(8, 11)]  # around the reconnection
     sub.wait_until(topic, lambda ms: len({m.json()["alarm_seq"] for m in ms}) >= 10, timeout_s=10)
     # at-least-once: repeats of an already delivered alarm_seq are allowed, loss and reordering are not
     assert dedupe_seqs(sub, topic) == list(range(1, 11))
+    first: dict[int, dict] = {}
+    for msg in sub.get(topic):
+        first.setdefault(msg.json()["alarm_seq"], msg.json())
+    assert [first[a.alarm_seq] for a in raised] == [a.model_dump(mode="json") for a in raised]  # exactly as raised
     wait_until(lambda: link.outbox_depth == 0, what="outbox drained")
     assert metric(link, "fod_mqtt_reconnects_total") >= 1
 
