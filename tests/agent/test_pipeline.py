@@ -18,8 +18,9 @@ import paho.mqtt.publish as mqtt_publish
 import pytest
 
 from agent.backends import LoadedModel, effective_calibration
+from agent.capture import Frame
 from agent.config import AgentConfig, ModelConfig, load_config
-from agent.pipeline import Agent
+from agent.pipeline import Agent, RoiScore, ScoredFrame
 from fod.package import ModelPackage
 from fod.runner import Runner
 from tests.agent.conftest import Mosquitto, Subscriber
@@ -527,3 +528,42 @@ def test_alarms_raised_while_the_broker_is_down_arrive_in_order(
     assert sub.wait_for(f"{topic_root}/status", 1)[-1].json()["state"] == "online"
     run.stop()
     assert sub.wait_for(f"{topic_root}/status", 2)[-1].json()["state"] == "offline"
+
+
+class ImageHungryLink:
+    """Stands in for MqttLink where only the image decision matters."""
+
+    def image_wanted(self, camera: str, kind: str, verdict: str) -> bool:
+        return True
+
+
+def test_publish_queue_drops_the_oldest_and_counts(tmp_path: Path, toy_package: Path) -> None:
+    config = load_config(
+        None,
+        {
+            "model.path": str(toy_package),
+            "model.threshold": 0.5,
+            "http.port": 0,
+            "pipeline.publish_queue_size": 2,
+            "snapshots.enabled": False,
+        },
+    )
+    agent = Agent(config, model=slow_model(toy_package, 0.0))
+    agent.link = ImageHungryLink()  # type: ignore[assignment]
+    agent._init_cameras()
+    runtime = agent.cameras["cam0"]
+
+    async def fill() -> list[int]:
+        agent._publish_queue = asyncio.Queue(config.pipeline.publish_queue_size)
+        for seq in range(5):
+            image = frame(96)
+            job_frame = Frame(image, seq, 0.0, time.perf_counter(), seq)
+            scored = ScoredFrame([RoiScore("full", (0, 0, 128, 96), 0.75, np.zeros((64, 64), np.float32))], 0, 0, 0)
+            runtime.scored = seq + 1
+            agent._queue_publish_job(runtime, job_frame, scored, {"full": "NG"}, [], agent.model)  # type: ignore[arg-type]
+        return [agent._publish_queue.get_nowait().frame.seq for _ in range(agent._publish_queue.qsize())]
+
+    kept = asyncio.run(fill())
+    assert kept == [3, 4]  # drop-oldest: the newest NG frames are kept
+    assert agent.metrics.value("fod_queue_dropped_total", {"queue": "publish"}) == 3
+    assert agent.metrics.value("fod_queue_depth", {"queue": "publish"}) == 2
