@@ -1,0 +1,138 @@
+"""INT8 Q/DQ and FP16 variants of the toy FOD graph: what is quantized, what stays FP32, and accuracy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+from sklearn.metrics import roc_auc_score
+
+from calibration.graph import fp16_blocked_nodes, name_nodes, select_int8_nodes
+from calibration.quantize import Int8Settings, convert_fp16, measure_latency, quantize_int8
+from calibration.reader import ImageCalibrationDataReader, resolve_calibration_images, resolve_evaluation_set
+from calibration.scoring import score_images
+from fod.runner import OnnxRuntimeRunner
+from tests.calibration.toy_fod import make_toy_fod_model
+
+SIZE = (64, 64)
+
+
+def test_int8_selection_keeps_attention_and_scoring_tail_in_fp32():
+    model = make_toy_fod_model(SIZE)
+    name_nodes(model)
+    sel = select_int8_nodes(model)
+    assert set(sel.quantize) == {"Conv_4", "Conv_6", "proj", "head"}
+    assert sel.excluded == {
+        "attn_logits": "output feeds a softmax (attention logits / RBF sigma)",
+        "attn_values": "input is softmax probabilities",
+        "smoothing": "scoring tail (after the last MatMul)",
+    }
+    keep_head = select_int8_nodes(model, keep_last_matmul=True)
+    assert "head" in keep_head.excluded
+    assert "head" not in keep_head.quantize
+
+
+def test_fp16_block_list_covers_softmax_surroundings_and_tail():
+    model = make_toy_fod_model(SIZE)
+    name_nodes(model)
+    blocked = fp16_blocked_nodes(model)
+    assert blocked["smoothing"] == "scoring tail"
+    kinds = {n.name: n.op_type for n in model.graph.node}
+    assert any(kinds[name] == "Mul" and why == "feeds a softmax" for name, why in blocked.items())  # logit scale
+    assert any(kinds[name] == "Log" for name in blocked)  # the KL divergence
+    assert "proj" not in blocked
+    assert "Conv_4" not in blocked
+
+
+@pytest.fixture(scope="module")
+def variants(toy_fod_package_src: Path, mvtec_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("variants")
+    fp32 = toy_fod_package_src / "model.onnx"
+    calib = resolve_calibration_images(mvtec_root, max_images=20)
+    paths = {"fp32": fp32}
+    for name, augment in (("int8", True), ("int8_good_only", False)):
+        paths[name] = out / f"{name}.onnx"
+        quantize_int8(fp32, paths[name], ImageCalibrationDataReader(calib, SIZE, batch_size=4, augment=augment))
+    paths["fp16"] = out / "fp16.onnx"
+    convert_fp16(fp32, paths["fp16"])
+    return paths
+
+
+def _scores(path: Path, mvtec_root: Path) -> tuple[np.ndarray, np.ndarray]:
+    images = resolve_evaluation_set(mvtec_root)
+    labels = np.r_[np.zeros(len(images.good)), np.ones(len(images.defects))]
+    with OnnxRuntimeRunner(path, SIZE) as runner:
+        scored = score_images(runner, images.good + [d.path for d in images.defects])
+    return scored.scores, labels
+
+
+def test_int8_graph_is_symmetric_qdq_with_fp32_islands(variants):
+    model = onnx.load(str(variants["int8"]))
+    nodes = {n.name: n for n in model.graph.node}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert dq, "no Q/DQ nodes"
+    for node in dq:  # TensorRT needs int8 with zero point 0 everywhere
+        zp = inits[node.input[2]]
+        assert zp.dtype == np.int8
+        assert not zp.any()
+    for name in ("proj", "head", "Conv_4"):
+        assert any(producers[x].op_type == "DequantizeLinear" for x in nodes[name].input if x in producers)
+    for name in ("attn_logits", "attn_values", "smoothing"):
+        assert all(producers[x].op_type != "DequantizeLinear" for x in nodes[name].input if x in producers)
+    softmax = next(n for n in model.graph.node if n.op_type == "Softmax")
+    assert producers[softmax.input[0]].op_type != "DequantizeLinear"
+    # the reconstruction error reads the FP32 tokens, not their INT8-rounded copy
+    diff = next(n for n in model.graph.node if n.op_type == "Sub" and "recon" in n.input)
+    assert producers[diff.input[0]].op_type == "Transpose"
+
+
+def test_int8_tracks_fp32_and_synthetic_defects_keep_the_anomalies(variants, mvtec_root):
+    s32, labels = _scores(variants["fp32"], mvtec_root)
+    s8, _ = _scores(variants["int8"], mvtec_root)
+    s8_good_only, _ = _scores(variants["int8_good_only"], mvtec_root)
+    assert roc_auc_score(labels, s32) == 1.0
+    assert np.corrcoef(s32, s8)[0, 1] > 0.999
+    assert roc_auc_score(labels, s8) == 1.0
+    # ranges from good images alone clip the blobs' activations: the anomaly signal collapses
+    assert roc_auc_score(labels, s8_good_only) < 0.95
+
+
+def test_cpu_target_uses_uint8_activations(toy_fod_package_src, mvtec_root, tmp_path):
+    calib = resolve_calibration_images(mvtec_root, max_images=8)
+    out = tmp_path / "cpu.onnx"
+    info = quantize_int8(
+        toy_fod_package_src / "model.onnx",
+        out,
+        ImageCalibrationDataReader(calib, SIZE, batch_size=4),
+        Int8Settings(target="cpu", preprocess=False),
+    )
+    assert info["settings"]["target"] == "cpu"
+    assert info["quantized_nodes"] == 4
+    model = onnx.load(str(out))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    zps = [inits[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert any(z.dtype == np.uint8 for z in zps)
+
+
+def test_fp16_runs_on_ort_cpu_with_fp32_io_and_matches(variants, mvtec_root):
+    model = onnx.load(str(variants["fp16"]))
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert all(o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for o in model.graph.output)
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
+    s32, _ = _scores(variants["fp32"], mvtec_root)
+    s16, _ = _scores(variants["fp16"], mvtec_root)
+    np.testing.assert_allclose(s16, s32, rtol=1e-2)
+
+
+def test_measure_latency_reports_timings(variants):
+    lat = measure_latency(variants["fp32"], SIZE, batch=2, repeats=3)
+    assert lat["batch"] == 2
+    assert lat["repeats"] == 3
+    assert lat["provider"] == "CPUExecutionProvider"
+    assert 0 < lat["min_ms"] <= lat["p50_ms"] <= lat["p90_ms"]
+    assert lat["per_image_ms"] == pytest.approx(lat["p50_ms"] / 2, rel=1e-3)
