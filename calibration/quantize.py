@@ -50,7 +50,8 @@ class Int8Settings:
     Attributes:
         calibrate_method: ``minmax`` (default), ``percentile`` (99.999th) or ``entropy``.
         target: ``tensorrt``: symmetric INT8 activations (what TensorRT requires), dedicated Q/DQ
-            pairs; ``cpu``: asymmetric UINT8 activations (faster on x86 CPUs, not for TensorRT).
+            pairs, FP32 biases; ``cpu``: asymmetric UINT8 activations and INT32 biases (the
+            layout ONNX Runtime's CPU kernels fuse; not for TensorRT).
         per_channel: per-output-channel weight scales.
         keep_last_matmul: keep each branch's last MatMul (reconstruction head) in FP32.
         preprocess: run ONNX Runtime's ``quant_pre_process`` (shape inference and basic fusions,
@@ -134,6 +135,8 @@ def quantize_int8(
             "ActivationSymmetric": trt,
             "WeightSymmetric": True,
             "DedicatedQDQPair": trt,
+            # TensorRT's DequantizeLinear takes INT8/FP8/INT4 only, not INT32 biases: it fuses FP32 biases itself
+            "QuantizeBias": not trt,
             "OpTypesToExcludeOutputQuantization": list(INT8_OP_TYPES),
             "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
         }
