@@ -7,7 +7,7 @@ Layout::
       model.onnx         FP32 graph: image uint8 [N, H, W, 3] BGR -> anomaly_map [N, 1, H, W], score [N]
       model.fp16.onnx    optional mixed-precision variant (``fod quantize``)
       model.int8.onnx    optional Q/DQ variant (``fod quantize``)
-      engine.plan + engine.json   optional TensorRT engine built on the box (``fod build``)
+      model.<precision>.engine + model.<precision>.engine.json   TensorRT engine built on the box (``fod build``)
 
 Loading a package checks the schema version and the sha256 of every listed file. This module
 needs no torch (the agent imports it).

@@ -7,7 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fod.backbone import BACKBONES
+# names of fod.backbone.BACKBONES, listed here so that `fod --help` does not import torch
+BACKBONE_NAMES = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+
 
 
 def add_parser(sub: Any) -> None:
@@ -16,7 +18,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--data", required=True, help="folder of good images, or an MVTec root (uses train/good)")
     p.add_argument("--out", required=True, help="run folder to write checkpoint.pt and train.json into")
     p.add_argument("--epochs", type=int, default=4, help="passes over the images (default 4)")
-    p.add_argument("--backbone", default="efficientnet_lite0", choices=sorted(BACKBONES))
+    p.add_argument("--backbone", default="efficientnet_lite0", choices=BACKBONE_NAMES)
     p.add_argument("--image-size", type=int, default=160, help="square model input in px (default 160)")
     p.add_argument("--batch-size", type=int, default=4, help="images per step (default 4)")
     p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (default 3e-4)")

@@ -13,7 +13,15 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, helper
 
-from fod.package import SCHEMA_VERSION, DataFingerprint, InputSpec, Manifest, TensorSpec, sha256_file, write_manifest
+from fod.package import (
+    SCHEMA_VERSION,
+    DataFingerprint,
+    InputSpec,
+    Manifest,
+    TensorSpec,
+    sha256_file,
+    write_manifest,
+)
 
 
 def make_toy_onnx(path: Path, opset: int = 18) -> None:
