@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 BrokerKind = Literal["existing", "amqtt", "mosquitto"]
 MOSQUITTO_PATHS = ("mosquitto", "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
+#: hosts an embedded broker can listen on (anything else must already run a broker)
+LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "0.0.0.0", "::"})
 
 
 @dataclass(frozen=True)
@@ -133,8 +135,9 @@ def ensure_broker(
         :class:`BrokerInfo` of the broker to connect to.
 
     Raises:
-        BrokerError: the port is taken by something that is not an MQTT broker, no embedded
-            broker is installed, or it did not start within ``start_timeout_s``.
+        BrokerError: the port is taken by something that is not an MQTT broker, ``host`` is not
+            this machine and no broker answers there, no embedded broker is installed, or it did
+            not start within ``start_timeout_s``.
     """
     if port == 0:
         port = free_port(host)
@@ -148,6 +151,11 @@ def ensure_broker(
             raise BrokerError(
                 f"{host}:{port} is in use by something that does not answer as an MQTT broker; "
                 "stop it, or pick another port (fod-agent --demo --broker mqtt://127.0.0.1:PORT)"
+            )
+        if host not in LOCAL_HOSTS:
+            raise BrokerError(
+                f"no MQTT broker answers on {host}:{port}, and an embedded broker can only run on this "
+                "machine; start the broker there, or use --broker mqtt://127.0.0.1:PORT"
             )
     order: list[str] = [prefer] if prefer else ["amqtt", "mosquitto"]
     problems: list[str] = []

@@ -100,3 +100,10 @@ def test_no_broker_available_says_what_to_install(monkeypatch):
     with pytest.raises(BrokerError, match=r"pip install 'fod-agent\[demo\]'.*apt-get install -y mosquitto"):
         with ensure_broker("127.0.0.1", free_port()):
             pass
+
+
+def test_no_embedded_broker_for_a_remote_host():
+    # 192.0.2.0/24 is TEST-NET-1: nothing answers there, and it is not this machine
+    with pytest.raises(BrokerError, match="only run on this machine"):
+        with ensure_broker("192.0.2.1", 1883):
+            pass

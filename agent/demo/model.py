@@ -1,0 +1,319 @@
+"""The demo's model package: trained once on synthetic good parts, then cached.
+
+:func:`ensure_demo_package` returns the cached package folder when it is valid and was made with the
+current recipe (:data:`DEMO_RECIPE`); otherwise it builds one, with a progress bar:
+
+1. good frames from :class:`~agent.demo.conveyor.SyntheticConveyor` (no defects), cropped to the
+   demo's region of interest and passed through :func:`fod.preprocess.to_model_input`;
+2. :func:`fod.train.train_model` + :func:`fod.checkpoint.save_checkpoint` (needs torch: the
+   ``train`` extra);
+3. the export to a model package (:func:`_export_package`, which calls the lead's export API);
+4. :func:`calibration.cli_calibrate.calibrate` on held-out good frames and on frames with defects,
+   so the package carries a threshold and the demo can report recall.
+
+The package is built in a temporary folder beside the cache and renamed into place at the end, so
+an interrupted first run never leaves a half-written package behind. The cache lives in
+``$FOD_CACHE_DIR/demo`` (default ``~/.cache/fod-agent/demo``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from agent.demo.conveyor import SyntheticConveyor
+from agent.errors import AgentError
+from fod.preprocess import to_model_input
+
+log = logging.getLogger(__name__)
+
+#: bump when anything below changes what the demo package contains; a cached package with another
+#: recipe is rebuilt
+RECIPE_VERSION = 1
+
+
+class DemoModelError(AgentError):
+    """The demo model cannot be built here (torch or a ``fod`` API missing, training failed)."""
+
+
+@dataclass(frozen=True)
+class DemoRecipe:
+    """Everything that defines the demo model (stored in ``demo.json`` beside the package).
+
+    Attributes:
+        version: :data:`RECIPE_VERSION`.
+        frame_size: ``(width, height)`` of the conveyor frames in px.
+        roi_px: ``(x, y, width, height)`` of the region the model scores, in frame px.
+        image_size: square model input in px.
+        train_images: good frames to train on.
+        epochs: training epochs.
+        calib_good: held-out good frames for the threshold.
+        calib_defect: frames with a defect fully inside the ROI, for recall in the report.
+        target_far: false-alarm rate the threshold aims at, per frame.
+        seed: conveyor seed of the training frames (held-out sets use other seeds).
+    """
+
+    version: int = RECIPE_VERSION
+    frame_size: tuple[int, int] = (640, 480)
+    roi_px: tuple[int, int, int, int] = (0, 0, 640, 480)
+    image_size: int = 160
+    train_images: int = 150
+    epochs: int = 4
+    calib_good: int = 60
+    calib_defect: int = 40
+    target_far: float = 0.01
+    seed: int = 2024
+
+    def key(self) -> str:
+        """Short hash of the recipe (names what the cache holds)."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+DEMO_RECIPE = DemoRecipe()
+
+
+def cache_dir() -> Path:
+    """The demo's cache folder: ``$FOD_CACHE_DIR/demo``, default ``~/.cache/fod-agent/demo``."""
+    root = os.environ.get("FOD_CACHE_DIR")
+    return (Path(root) if root else Path.home() / ".cache" / "fod-agent") / "demo"
+
+
+def demo_conveyor(recipe: DemoRecipe = DEMO_RECIPE, **kwargs: Any) -> SyntheticConveyor:
+    """A conveyor with the demo's frame size (other settings as keyword arguments)."""
+    width, height = recipe.frame_size
+    return SyntheticConveyor(width, height, **kwargs)
+
+
+def crop_roi(frame: np.ndarray, roi_px: tuple[int, int, int, int]) -> np.ndarray:
+    """``frame[y:y+h, x:x+w]`` for ``roi_px = (x, y, w, h)`` (a view, no copy)."""
+    x, y, w, h = roi_px
+    return frame[y : y + h, x : x + w]
+
+
+def cached_package(recipe: DemoRecipe = DEMO_RECIPE, root: Path | None = None) -> Path | None:
+    """The cached demo package when it exists, is valid and matches ``recipe``; else None."""
+    from fod.errors import PackageError
+    from fod.package import ModelPackage
+
+    pkg = (root or cache_dir()) / "pkg"
+    stamp = pkg / "demo.json"
+    if not stamp.is_file():
+        return None
+    try:
+        if json.loads(stamp.read_text()).get("recipe_key") != recipe.key():
+            log.info("cached demo package %s was made with another recipe: rebuilding it", pkg)
+            return None
+        package = ModelPackage(pkg)
+    except (OSError, ValueError, PackageError) as exc:
+        log.warning("cached demo package %s is not usable (%s): rebuilding it", pkg, exc)
+        return None
+    if package.manifest.calibration is None:
+        return None
+    return pkg
+
+
+def ensure_demo_package(
+    recipe: DemoRecipe = DEMO_RECIPE,
+    *,
+    root: Path | None = None,
+    progress: bool = True,
+    say: Callable[[str], None] = print,
+) -> Path:
+    """Return the demo's model package folder, building it the first time.
+
+    Args:
+        recipe: what to build.
+        root: cache folder; None = :func:`cache_dir`.
+        progress: show progress bars (training, calibration).
+        say: where the step-by-step messages go (the console by default).
+
+    Returns:
+        The package folder (``<root>/pkg``), calibrated.
+
+    Raises:
+        DemoModelError: torch is missing (install the ``train`` extra), a ``fod`` API it needs is
+            missing, or a step failed (the message names the step).
+    """
+    root = root or cache_dir()
+    found = cached_package(recipe, root)
+    if found is not None:
+        say(f"demo model: cached package {found}")
+        return found
+    try:
+        import torch  # noqa: F401 - only to fail early with the right advice
+    except ImportError as exc:
+        raise DemoModelError(
+            "the demo trains its model on the first run and needs torch for that: "
+            "pip install torch==2.13.0 && pip install -e '.[train,demo]' (or pass --model PKG_DIR "
+            "to run the demo with a package you have)"
+        ) from exc
+    root.mkdir(parents=True, exist_ok=True)
+    work = root / f"build-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    start = time.perf_counter()
+    try:
+        say(
+            f"demo model: first run, building it in {root} (training on {recipe.train_images} synthetic "
+            f"good parts at {recipe.image_size} px; a few minutes on a laptop CPU, cached afterwards)"
+        )
+        images = _good_images(recipe, recipe.train_images, seed=recipe.seed)
+        run_dir = work / "run"
+        _train(images, recipe, run_dir, progress=progress, say=say)
+        pkg_dir = work / "pkg"
+        say("demo model: exporting the ONNX package")
+        _export_package(run_dir, pkg_dir)
+        say(f"demo model: calibrating the threshold on {recipe.calib_good} held-out good frames")
+        summary = _calibrate(pkg_dir, recipe, work / "calib", progress=progress)
+        (pkg_dir / "demo.json").write_text(
+            json.dumps(
+                {
+                    "recipe_key": recipe.key(),
+                    "recipe": asdict(recipe),
+                    "build_seconds": round(time.perf_counter() - start, 1),
+                    "calibration": summary,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+        final = root / "pkg"
+        shutil.rmtree(final, ignore_errors=True)
+        pkg_dir.replace(final)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    say(f"demo model: ready in {time.perf_counter() - start:.0f} s, cached in {final}")
+    return final
+
+
+# ---------------------------------------------------------------------- steps
+def _good_images(recipe: DemoRecipe, n: int, *, seed: int) -> np.ndarray:
+    """``n`` good frames of the demo conveyor, ROI-cropped and preprocessed: ``[n, S, S, 3]`` uint8."""
+    frames = demo_conveyor(recipe, seed=seed, defect_rate=0.0).good_frames(n, stride=5, seed=seed)
+    size = (recipe.image_size, recipe.image_size)
+    return np.stack([to_model_input(crop_roi(f, recipe.roi_px), size) for f in frames])
+
+
+def _defect_frames(recipe: DemoRecipe, n: int, *, seed: int) -> tuple[list[np.ndarray], list[str]]:
+    """``n`` conveyor frames (full size) with a defect entirely inside the ROI, and the defect kinds."""
+    conveyor = demo_conveyor(recipe, seed=seed, defect_rate=1.0)
+    x, y, w, h = recipe.roi_px
+    frames: list[np.ndarray] = []
+    kinds: list[str] = []
+    while len(frames) < n:
+        _, frame = conveyor.read()
+        truth = conveyor.truth
+        if truth is None or conveyor.frames_read % 4:  # every 4th frame: varied positions
+            continue
+        inside = [
+            d
+            for p in truth.parts
+            for d in p.defects
+            if d.visible_fraction >= 1.0 and d.box[0] >= x and d.box[1] >= y and d.box[2] <= x + w and d.box[3] <= y + h
+        ]
+        if inside:
+            frames.append(frame)
+            kinds.append(inside[0].kind)
+    return frames, kinds
+
+
+def _train(
+    images: np.ndarray, recipe: DemoRecipe, run_dir: Path, *, progress: bool, say: Callable[[str], None]
+) -> None:
+    try:
+        from fod.checkpoint import save_checkpoint
+        from fod.model import FODConfig
+        from fod.train import TrainSettings, train_model
+    except ImportError as exc:
+        raise DemoModelError(
+            f"the demo needs fod.train.train_model and fod.checkpoint.save_checkpoint ({exc}); "
+            "update fod-agent, or pass --model PKG_DIR"
+        ) from exc
+    config = FODConfig(image_size=recipe.image_size)
+    settings = TrainSettings(epochs=recipe.epochs, batch_size=4, seed=recipe.seed, progress=progress)
+    say(f"demo model: training ({recipe.epochs} epochs)")
+    model, record = train_model(images, config, settings)
+    digest = hashlib.sha256()
+    for image in images:
+        digest.update(image.tobytes())
+    record["data"] = {
+        "count": len(images),
+        "sha256": digest.hexdigest(),
+        "root": f"synthetic conveyor (agent.demo.conveyor, seed {recipe.seed}, roi {list(recipe.roi_px)})",
+    }
+    save_checkpoint(run_dir, model, record)
+
+
+def _export_package(run_dir: Path, pkg_dir: Path) -> None:
+    """Export a ``fod train`` run folder to a model package (``model.onnx`` + ``manifest.json``).
+
+    Waits for the lead's export API: ``fod.export.export_package(run_dir, out_dir)`` (the function
+    behind ``fod export --model RUN_DIR --out PKG_DIR``).
+
+    Raises:
+        DemoModelError: the export API is not there (yet), or the export failed.
+    """
+    try:
+        from fod.export import export_package  # type: ignore[import-not-found,unused-ignore]
+    except ImportError as exc:
+        raise DemoModelError(
+            f"the demo needs fod.export.export_package(run_dir, out_dir) to turn its trained model into a "
+            f"package, and this installation does not have it ({exc}); pass --model PKG_DIR to run the "
+            "demo with an existing package"
+        ) from exc
+    export_package(run_dir, pkg_dir)
+
+
+def _calibrate(pkg_dir: Path, recipe: DemoRecipe, work: Path, *, progress: bool) -> dict[str, Any]:
+    """Write held-out good and defect frames as PNG, calibrate the package on them, save the manifest."""
+    from calibration.cli_calibrate import calibrate
+    from fod.package import ModelPackage
+
+    good_dir, bad_dir = work / "good", work / "defect"
+    good_dir.mkdir(parents=True)
+    bad_dir.mkdir(parents=True)
+    good_frames = demo_conveyor(recipe, seed=recipe.seed + 1, defect_rate=0.0).good_frames(
+        recipe.calib_good, stride=6, seed=recipe.seed + 1
+    )
+    good_paths = []
+    for i, frame in enumerate(good_frames):
+        path = good_dir / f"good_{i:04d}.png"
+        cv2.imwrite(str(path), crop_roi(frame, recipe.roi_px))
+        good_paths.append(path)
+    bad_frames, kinds = _defect_frames(recipe, recipe.calib_defect, seed=recipe.seed + 2)
+    bad_paths = []
+    for i, (frame, kind) in enumerate(zip(bad_frames, kinds)):
+        path = bad_dir / f"{kind}_{i:04d}.png"
+        cv2.imwrite(str(path), crop_roi(frame, recipe.roi_px))
+        bad_paths.append(path)
+    pkg = ModelPackage(pkg_dir)
+    calibration = calibrate(
+        pkg,
+        pkg.onnx_path("fp32"),
+        good_paths,
+        bad_paths,
+        defect_types=kinds,
+        target_far=recipe.target_far,
+        min_images=min(30, recipe.calib_good),
+        sources={"normal_source": "synthetic conveyor (held-out good)", "defect_source": "synthetic conveyor"},
+    )
+    pkg.manifest.calibration = calibration
+    pkg.save()
+    labelled = calibration.details.get("labelled", {}) if isinstance(calibration.details, dict) else {}
+    return {
+        "image_threshold": calibration.image_threshold,
+        "method": calibration.method,
+        "n_normal": calibration.n_normal,
+        "labelled": labelled,
+    }
