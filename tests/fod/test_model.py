@@ -169,5 +169,34 @@ def test_loss_gradients_follow_stop_gradient_rules():
     for module in (layer.intra.sigma, layer.inter.sigma, layer.intra.q, layer.inter.k, level.head):
         assert module.weight.grad is not None
         assert module.weight.grad.abs().sum() > 0
-    # the discarded out-projection does not exist; rec loss of identical tensors is zero
     assert reconstruction_loss(tokens, tokens).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_shared_log_loss_has_the_gradient_of_the_literal_loss():
+    # literal loss1 + loss2 (fod-method.md 3.2) with four separate KL evaluations per layer
+    def literal(tokens, recon, maps, l1, l2):
+        rec = reconstruction_loss(tokens, recon)
+        t = {k: 0 for k in ("intra1", "intra2", "inter1", "inter2", "h_intra", "h_inter")}
+        for m in maps:
+            t["intra1"] = t["intra1"] + symmetric_kl(m.intra_target.detach(), m.intra_attn).mean() / len(maps)
+            t["intra2"] = t["intra2"] + symmetric_kl(m.intra_target, m.intra_attn.detach()).mean() / len(maps)
+            t["inter1"] = t["inter1"] + symmetric_kl(m.inter_target.detach(), m.inter_attn).mean() / len(maps)
+            t["inter2"] = t["inter2"] + symmetric_kl(m.inter_target, m.inter_attn.detach()).mean() / len(maps)
+            t["h_intra"] = t["h_intra"] + entropy(m.intra_attn).mean() / len(maps)
+            t["h_inter"] = t["h_inter"] + entropy(m.inter_attn).mean() / len(maps)
+        loss1 = rec + l1 * t["intra2"] - l1 * t["inter2"]
+        loss2 = rec - l1 * t["intra1"] - l2 * t["h_intra"] + l1 * t["inter1"] + l2 * t["h_inter"]
+        return loss1 + loss2
+
+    grads = []
+    for fn in (lambda *a: fod_loss(*a)[0], literal):
+        torch.manual_seed(0)
+        level = FODLevel(8, (4, 4), 16, heads=2, layers=2, ffn_mult=2).double()
+        tokens = torch.randn(3, 16, 8, dtype=torch.float64)
+        recon, maps = level(tokens, training_maps=True)
+        loss = fn(tokens, recon, maps, 0.5, 0.5)
+        loss.backward()
+        grads.append((loss.item(), [p.grad.clone() for p in level.parameters()]))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-12)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
