@@ -63,9 +63,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=None,
         help="labelled defects: folder of images or of defect-type folders, or MVTec root (test/<defect>)",
     )
-    p.add_argument(
-        "--target-far", type=float, default=0.001, help="false alarms per good part (default 0.001)"
-    )
+    p.add_argument("--target-far", type=float, default=0.001, help="false alarms per good part (default 0.001)")
     p.add_argument(
         "--min-images",
         type=int,

@@ -93,6 +93,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="keep each branch's reconstruction head MatMul in FP32",
     )
+    p.add_argument("--conv-only", action="store_true", help="quantize only the backbone Convs; every MatMul stays FP32")
     p.add_argument("--batch-size", type=int, default=4, help="images per inference call (default 4)")
     p.add_argument(
         "--bench-repeats",
@@ -100,9 +101,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=10,
         help="timed ORT calls per model for the latency comparison (0 skips it; default %(default)s)",
     )
-    p.add_argument(
-        "--bench-batch", type=int, default=1, help="batch size of the latency comparison (default 1)"
-    )
+    p.add_argument("--bench-batch", type=int, default=1, help="batch size of the latency comparison (default 1)")
     p.set_defaults(run=run)
     return p
 
@@ -114,8 +113,7 @@ def _validation_set(args: argparse.Namespace, calib_paths: list[Path]) -> tuple[
     if (args.calib / "test").is_dir():
         return resolve_evaluation_set(args.calib), f"{args.calib}/test (no --val given)"
     log.warning(
-        "no --val: the gate runs on the calibration images, which the quantizer saw; pass --val for an "
-        "honest check"
+        "no --val: the gate runs on the calibration images, which the quantizer saw; pass --val for an honest check"
     )
     return ImageSet(calib_paths, [], args.calib, None, "folder"), "the calibration images (no --val given)"
 
@@ -147,8 +145,7 @@ def run(args: argparse.Namespace) -> int:
     n_val = len(val.good) + len(val.defects)
     if n_val < args.min_images:
         raise CalibrationDataError(
-            f"{val_source}: {n_val} validation images, at least {args.min_images} are needed for the "
-            f"accuracy gate"
+            f"{val_source}: {n_val} validation images, at least {args.min_images} are needed for the accuracy gate"
         )
     name = VARIANT_FILES[precision]
     candidate = pkg.root / f"model.{precision}.candidate.onnx"
@@ -158,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
                 calibrate_method=args.calibrate_method,
                 target=args.target,
                 keep_last_matmul=args.keep_last_matmul,
+                conv_only=args.conv_only,
             )
             reader = ImageCalibrationDataReader(
                 calib_paths, pkg.image_size, batch_size=args.batch_size, augment=not args.no_synthetic_defects

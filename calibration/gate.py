@@ -179,9 +179,7 @@ def run_gate(
             report.failures.append(line)
 
     check(nonfinite == 0, f"{nonfinite} NaN/inf anomaly-map values")
-    check(
-        pearson >= criteria.min_score_pearson, f"score Pearson {pearson:.4f} < {criteria.min_score_pearson}"
-    )
+    check(pearson >= criteria.min_score_pearson, f"score Pearson {pearson:.4f} < {criteria.min_score_pearson}")
     check(
         spearman >= criteria.min_score_spearman,
         f"score Spearman {spearman:.4f} < {criteria.min_score_spearman}",

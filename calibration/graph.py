@@ -228,7 +228,9 @@ class Int8Selection:
     excluded: dict[str, str]
 
 
-def select_int8_nodes(model: onnx.ModelProto, *, keep_last_matmul: bool = False) -> Int8Selection:
+def select_int8_nodes(
+    model: onnx.ModelProto, *, keep_last_matmul: bool = False, conv_only: bool = False
+) -> Int8Selection:
     """Choose the nodes to quantize (call :func:`name_nodes` first).
 
     Rules, in order (the first that applies excludes a node):
@@ -239,11 +241,13 @@ def select_int8_nodes(model: onnx.ModelProto, *, keep_last_matmul: bool = False)
     4. the input comes from a Softmax (attention x values);
     5. the output reaches a Softmax without another compute op between (attention logits with
        folded reference keys, the sigma projection of the RBF target);
-    6. ``keep_last_matmul``: the last MatMul of each branch (the reconstruction head).
+    6. ``keep_last_matmul``: the last MatMul of each branch (the reconstruction head);
+    7. ``conv_only``: every MatMul / Gemm.
 
     Args:
         model: the FP32 model with named nodes.
         keep_last_matmul: also keep rule 6 nodes in FP32.
+        conv_only: also keep rule 7 nodes in FP32.
 
     Returns:
         :class:`Int8Selection`.
@@ -269,6 +273,8 @@ def select_int8_nodes(model: onnx.ModelProto, *, keep_last_matmul: bool = False)
             excluded[node.name] = "output feeds a softmax (attention logits / RBF sigma)"
         elif i in last:
             excluded[node.name] = "last MatMul of its branch (reconstruction head)"
+        elif conv_only and node.op_type != "Conv":
+            excluded[node.name] = "conv_only: MatMul / Gemm kept FP32"
         else:
             quantize.append(node.name)
     return Int8Selection(quantize, excluded)
@@ -356,9 +362,7 @@ def keep_float_consumers(model: onnx.ModelProto, quantized: set[str]) -> int:
     while True:
         read = {x for n in graph.node for x in n.input} | outputs
         dead = [
-            n
-            for n in graph.node
-            if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.output[0] not in read
+            n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.output[0] not in read
         ]
         if not dead:
             break

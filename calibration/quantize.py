@@ -54,6 +54,7 @@ class Int8Settings:
             layout ONNX Runtime's CPU kernels fuse; not for TensorRT).
         per_channel: per-output-channel weight scales.
         keep_last_matmul: keep each branch's last MatMul (reconstruction head) in FP32.
+        conv_only: quantize only the Conv nodes (the backbone); every MatMul / Gemm stays FP32.
         preprocess: run ONNX Runtime's ``quant_pre_process`` (shape inference and basic fusions,
             e.g. BatchNorm into Conv) first.
     """
@@ -62,6 +63,7 @@ class Int8Settings:
     target: Target = "tensorrt"
     per_channel: bool = True
     keep_last_matmul: bool = False
+    conv_only: bool = False
     preprocess: bool = True
 
 
@@ -121,7 +123,7 @@ def quantize_int8(
                 src = pre
         model = onnx.load(str(src))
         name_nodes(model)
-        selection = select_int8_nodes(model, keep_last_matmul=settings.keep_last_matmul)
+        selection = select_int8_nodes(model, keep_last_matmul=settings.keep_last_matmul, conv_only=settings.conv_only)
         if not selection.quantize:
             raise QuantizationError(
                 f"{fp32_path}: no Conv / MatMul / Gemm node can be quantized "
@@ -137,6 +139,8 @@ def quantize_int8(
             "DedicatedQDQPair": trt,
             # TensorRT's DequantizeLinear takes INT8/FP8/INT4 only, not INT32 biases: it fuses FP32 biases itself
             "QuantizeBias": not trt,
+            # ...and then the weight scales need no widening to keep INT32 biases in range
+            "QDQDisableWeightAdjustForInt32Bias": trt,
             "OpTypesToExcludeOutputQuantization": list(INT8_OP_TYPES),
             "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
         }

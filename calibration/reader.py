@@ -77,9 +77,7 @@ class ImageSet:
 
 
 def _has_images(folder: Path) -> bool:
-    return folder.is_dir() and any(
-        p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.iterdir()
-    )
+    return folder.is_dir() and any(p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.iterdir())
 
 
 def _good_subfolder(folder: Path) -> Path | None:
@@ -127,9 +125,7 @@ def resolve_evaluation_set(normal: str | Path, anomalous: str | Path | None = No
     """
     normal = Path(normal)
     if not normal.is_dir():
-        raise CalibrationDataError(
-            f"{normal}: no such folder; pass a folder of good images or an MVTec-layout root"
-        )
+        raise CalibrationDataError(f"{normal}: no such folder; pass a folder of good images or an MVTec-layout root")
     mvtec_root: Path | None = None
     split_dir: Path | None = None
     if _good_subfolder(normal / "test") is not None:
@@ -184,15 +180,12 @@ def resolve_defects(anomalous: str | Path) -> tuple[list[LabelledImage], str]:
         defects = _defects_under(folder, folder.parent if folder.name == "test" else None)
     if not defects:
         raise CalibrationDataError(
-            f"{folder}: no defect images (--anomalous); expected images, defect-type subfolders, "
-            "or ROOT/test/<type>"
+            f"{folder}: no defect images (--anomalous); expected images, defect-type subfolders, or ROOT/test/<type>"
         )
     return defects, str(folder)
 
 
-def resolve_calibration_images(
-    calib: str | Path, max_images: int | None = DEFAULT_MAX_CALIB_IMAGES
-) -> list[Path]:
+def resolve_calibration_images(calib: str | Path, max_images: int | None = DEFAULT_MAX_CALIB_IMAGES) -> list[Path]:
     """Good images for INT8 calibration (``--calib``): a plain folder, ``good/``, or an MVTec ``train/good``.
 
     Args:

@@ -55,18 +55,13 @@ def format_calibration_report(calibration: Calibration, previous: Calibration | 
         f"image threshold   : {calibration.image_threshold:.6g}   (score >= threshold -> NG)",
         f"rule              : {calibration.method}",
         f"target FAR        : {calibration.target_far:g} "
-        + (
-            "(demonstrable with this sample)"
-            if fit.get("target_supported")
-            else "(NOT demonstrable with this sample)"
-        ),
+        + ("(demonstrable with this sample)" if fit.get("target_supported") else "(NOT demonstrable with this sample)"),
         f"FAR statement     : {fit.get('exceedances', '?')} of {calibration.n_normal} good images at or "
         f"above it; "
         f"95% upper bound {_fmt(calibration.far_upper_95)}, estimate {_fmt(calibration.expected_far)}",
         f"smallest FAR this sample can show at 95%: {_fmt(fit.get('min_demonstrable_far'))} (~3/n); "
         f"the target needs >= {fit.get('images_needed', '?')} good images",
-        f"leave-one-out FAR : {_pct(d.get('far_leave_one_out'))} (refit without each good image, tested "
-        f"on it)",
+        f"leave-one-out FAR : {_pct(d.get('far_leave_one_out'))} (refit without each good image, tested on it)",
         f"normalisation     : norm_min {calibration.norm_min:.6g} -> 0, threshold -> 0.5, "
         f"norm_max {calibration.norm_max:.6g} -> 1",
         f"pixel threshold   : {calibration.pixel_threshold:.6g}  ({d.get('pixel_rule', '')})",
@@ -142,7 +137,7 @@ def save_score_histogram(
 
     good = np.asarray(good_scores, np.float64)
     bad = np.asarray(defect_scores if defect_scores is not None else [], np.float64)
-    values = np.concatenate([good, bad, [threshold]])
+    values = np.concatenate([good, bad, [threshold] + ([f1_threshold] if f1_threshold is not None else [])])
     bins = np.linspace(float(values.min()), float(values.max()), 50).tolist()
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     try:
@@ -176,18 +171,13 @@ def format_gate_report(precision: str, entry: dict[str, Any]) -> str:
     """
     gate = entry.get("gate", {})
     m = gate.get("metrics", {})
-    verdict = (
-        "PASSED"
-        if gate.get("passed")
-        else ("FAILED (written with --force)" if entry.get("forced") else "FAILED")
-    )
+    verdict = "PASSED" if gate.get("passed") else ("FAILED (written with --force)" if entry.get("forced") else "FAILED")
     lines = [
         f"fod quantize report: {precision} -> {entry.get('file')}",
         "=" * 40,
         f"accuracy gate     : {verdict} on {m.get('n_images')} images "
         f"({m.get('n_good')} good, {m.get('n_defect')} defect; {entry.get('val_source', '?')})",
-        f"score correlation : Pearson {_fmt(m.get('score_pearson'), 5)}, Spearman "
-        f"{_fmt(m.get('score_spearman'), 5)}",
+        f"score correlation : Pearson {_fmt(m.get('score_pearson'), 5)}, Spearman {_fmt(m.get('score_spearman'), 5)}",
         f"anomaly map error : max {_pct(m.get('map_max_error'))}, mean {_pct(m.get('map_mean_error'))} "
         f"of the FP32 map range ({_fmt(m.get('map_range_fp32'))})",
     ]
@@ -226,8 +216,7 @@ def format_gate_report(precision: str, entry: dict[str, Any]) -> str:
         )
     if "fp32_nodes_by_graph_rule" in q:
         lines.append(
-            f"FP32 islands      : {q['fp32_nodes_by_graph_rule']} nodes by graph rule, "
-            f"{q.get('cast_nodes')} Casts"
+            f"FP32 islands      : {q['fp32_nodes_by_graph_rule']} nodes by graph rule, {q.get('cast_nodes')} Casts"
         )
     for line in gate.get("failures", []):
         lines.append(f"  FAIL: {line}")

@@ -290,9 +290,7 @@ def leave_one_out_far(
     alarms = 0
     for f in range(folds):
         held = fold_of == f
-        fit = fit_image_threshold(
-            s[~held], target_far, margin_k=margin_k, min_images=1, confidence=confidence
-        )
+        fit = fit_image_threshold(s[~held], target_far, margin_k=margin_k, min_images=1, confidence=confidence)
         alarms += int(np.count_nonzero(s[held] >= fit.threshold))
     return alarms / n
 
@@ -378,9 +376,7 @@ def evaluate_labelled(
         s = np.concatenate([good, bad])
         out["image_auroc"] = float(roc_auc_score(y, s))
         prec, rec, thr = precision_recall_curve(y, s)
-        f1s = np.where(
-            prec[:-1] + rec[:-1] > 0, 2 * prec[:-1] * rec[:-1] / np.maximum(prec[:-1] + rec[:-1], 1e-12), 0
-        )
+        f1s = np.where(prec[:-1] + rec[:-1] > 0, 2 * prec[:-1] * rec[:-1] / np.maximum(prec[:-1] + rec[:-1], 1e-12), 0)
         best = int(np.argmax(f1s))
         lower = s[s < thr[best]]
         # midway to the next lower score: the same F1 on this set, less sensitive to a small shift

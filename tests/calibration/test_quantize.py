@@ -33,6 +33,9 @@ def test_int8_selection_keeps_attention_and_scoring_tail_in_fp32():
     keep_head = select_int8_nodes(model, keep_last_matmul=True)
     assert "head" in keep_head.excluded
     assert "head" not in keep_head.quantize
+    conv_only = select_int8_nodes(model, conv_only=True)
+    assert set(conv_only.quantize) == {"Conv_4", "Conv_6"}
+    assert conv_only.excluded["proj"].startswith("conv_only")
 
 
 def test_fp16_block_list_covers_softmax_surroundings_and_tail():
