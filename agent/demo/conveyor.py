@@ -98,6 +98,23 @@ class FrameTruth:
         """Boxes (frame px, clipped) of every defect at least partly in view."""
         return [d.box for p in self.parts for d in p.defects]
 
+    def defective_in(self, box: Box, min_fraction: float = 0.5) -> bool:
+        """True when at least ``min_fraction`` of some defect's box lies inside ``box``.
+
+        Args:
+            box: ``(x0, y0, x1, y1)`` in frame px, e.g. a region of interest.
+            min_fraction: share of the defect box area that must be inside, in (0, 1].
+        """
+        bx0, by0, bx1, by1 = box
+        for part in self.parts:
+            for defect in part.defects:
+                x0, y0, x1, y1 = defect.box
+                area = (x1 - x0) * (y1 - y0) / max(defect.visible_fraction, 1e-9)
+                inside = max(0, min(x1, bx1) - max(x0, bx0)) * max(0, min(y1, by1) - max(y0, by0))
+                if area > 0 and inside / area >= min_fraction:
+                    return True
+        return False
+
 
 @dataclass
 class _Sprite:
@@ -155,6 +172,9 @@ class SyntheticConveyor:
             capture thread paces live object sources at it); None means as fast as the caller reads.
         pace: when ``fps`` is set, :meth:`read` itself sleeps to keep that rate, like a camera
             (default True); False leaves the pacing to the caller.
+        trigger: emulate a camera triggered by a light barrier: every frame shows the next part
+            centred (within 1 % of the width), the belt travelling on between frames; else the
+            camera runs freely and parts slide through the frame at ``speed_px`` per frame.
         draw_defects: False renders defective parts without their defects (same random stream,
             same ground truth), so a test can see which pixels the defects change.
         noise: std of the sensor noise in grey levels (0 turns it off).
@@ -177,6 +197,7 @@ class SyntheticConveyor:
         gap: tuple[float, float] = (0.15, 0.45),
         fps: float | None = None,
         pace: bool = True,
+        trigger: bool = False,
         draw_defects: bool = True,
         noise: float = 2.0,
     ) -> None:
@@ -209,6 +230,7 @@ class SyntheticConveyor:
         self.gap = (float(gap[0]), float(gap[1]))
         self.fps = fps
         self.pace = pace
+        self.trigger = trigger
         #: a camera-like live source (the agent applies its newest-frame policy)
         self.is_live = True
         #: index of the frame just read (the agent reports it as the result's ``source_frame``)
@@ -225,6 +247,9 @@ class SyntheticConveyor:
         self._parts: list[_Placed] = []
         self._next_part_id = 0
         self._travel_to_spawn = 0.0
+        self._travel = 0.0
+        self._next_trigger_id = 0
+        self._trigger_rng = np.random.default_rng([self.seed, 4])
         self._frame_index = -1
         self._opened = True
         self._next_due: float | None = None
@@ -338,7 +363,8 @@ class SyntheticConveyor:
 
         Args:
             n: number of frames.
-            stride: keep every ``stride``-th frame, so that parts appear at varied positions.
+            stride: keep every ``stride``-th frame, so that parts appear at varied positions
+                (with ``trigger``, every frame already shows a new part: use 1).
             seed: random seed of this set; None derives one from the conveyor's seed.
 
         Returns:
@@ -354,6 +380,7 @@ class SyntheticConveyor:
             part_size=self.part_size_px / self.height,
             gap=self.gap,
             noise=self.noise,
+            trigger=self.trigger,
         )
         out = np.empty((n, self.height, self.width, 3), np.uint8)
         for i in range(n * max(1, stride)):
@@ -396,20 +423,42 @@ class SyntheticConveyor:
         self._parts.append(placed)
         return placed
 
+    def _advance(self, dx: float) -> None:
+        """Move the belt and every part by ``dx`` px, bringing in new parts at the left edge."""
+        for part in self._parts:
+            part.x += dx
+        self._travel += dx
+        self._travel_to_spawn -= dx
+        while self._travel_to_spawn <= 0:
+            placed = self._spawn(x=0.0)
+            placed.x = -placed.sprite.image.shape[1] - self._travel_to_spawn
+            self._travel_to_spawn += placed.sprite.image.shape[1] * 0.7 + self._draw_gap()
+        self._parts = [p for p in self._parts if p.x < self.width]
+
+    def _advance_to_next_trigger(self) -> None:
+        """Move the belt until the next part not yet shown has its centre at the frame's centre."""
+        jitter = float(self._trigger_rng.normal(0.0, self.width * 0.01))
+        target = self.width / 2.0 + jitter
+        while True:
+            waiting = [p for p in self._parts if p.part_id >= self._next_trigger_id]
+            if not waiting:
+                self._advance(self.speed_px * 4)
+                continue
+            part = min(waiting, key=lambda p: p.part_id)
+            centre = part.x + part.sprite.image.shape[1] / 2.0
+            self._next_trigger_id = part.part_id + 1
+            if centre <= target:  # a part already past the centre (the first one) is skipped
+                self._advance(target - centre)
+                return
+
     def _next_frame(self) -> tuple[np.ndarray, FrameTruth]:
         self._frame_index += 1
-        if self._frame_index > 0:
-            for part in self._parts:
-                part.x += self.speed_px
-            self._parts = [p for p in self._parts if p.x < self.width]
-            self._travel_to_spawn -= self.speed_px
-            while self._travel_to_spawn <= 0:
-                canvas_guess = self.part_size_px * 1.5
-                placed = self._spawn(x=-canvas_guess - self._travel_to_spawn)
-                placed.x = -placed.sprite.image.shape[1] - self._travel_to_spawn
-                self._travel_to_spawn += placed.sprite.image.shape[1] * 0.7 + self._draw_gap()
+        if self.trigger:
+            self._advance_to_next_trigger()
+        elif self._frame_index > 0:
+            self._advance(self.speed_px)
 
-        offset = round(self._frame_index * self.speed_px) % _SEAM_PERIOD_PX
+        offset = round(self._travel) % _SEAM_PERIOD_PX
         start = _SEAM_PERIOD_PX - offset
         frame = self._belt[:, start : start + self.width].copy()
 

@@ -54,6 +54,9 @@ class DemoRecipe:
     Attributes:
         version: :data:`RECIPE_VERSION`.
         frame_size: ``(width, height)`` of the conveyor frames in px.
+        trigger: the conveyor emulates a triggered camera (one frame per part, centred), as most
+            inspection stations do; FOD compares each image with the mean appearance at each
+            position of the good images, so it needs parts presented the same way every time.
         roi_px: ``(x, y, width, height)`` of the region the model scores, in frame px.
         image_size: square model input in px.
         train_images: good frames to train on.
@@ -66,12 +69,13 @@ class DemoRecipe:
 
     version: int = RECIPE_VERSION
     frame_size: tuple[int, int] = (640, 480)
-    roi_px: tuple[int, int, int, int] = (0, 0, 640, 480)
-    image_size: int = 160
-    train_images: int = 150
-    epochs: int = 4
-    calib_good: int = 60
-    calib_defect: int = 40
+    trigger: bool = True
+    roi_px: tuple[int, int, int, int] = (120, 40, 400, 400)
+    image_size: int = 128
+    train_images: int = 100
+    epochs: int = 3
+    calib_good: int = 40
+    calib_defect: int = 24
     target_far: float = 0.01
     seed: int = 2024
 
@@ -90,9 +94,16 @@ def cache_dir() -> Path:
 
 
 def demo_conveyor(recipe: DemoRecipe = DEMO_RECIPE, **kwargs: Any) -> SyntheticConveyor:
-    """A conveyor with the demo's frame size (other settings as keyword arguments)."""
+    """A conveyor with the demo's frame size and trigger mode (other settings as keyword arguments)."""
     width, height = recipe.frame_size
+    kwargs.setdefault("trigger", recipe.trigger)
     return SyntheticConveyor(width, height, **kwargs)
+
+
+def roi_box(recipe: DemoRecipe = DEMO_RECIPE) -> tuple[int, int, int, int]:
+    """The demo ROI as a box ``(x0, y0, x1, y1)`` in frame px (for :meth:`FrameTruth.defective_in`)."""
+    x, y, w, h = recipe.roi_px
+    return (x, y, x + w, y + h)
 
 
 def crop_roi(frame: np.ndarray, roi_px: tuple[int, int, int, int]) -> np.ndarray:
@@ -200,7 +211,8 @@ def ensure_demo_package(
 # ---------------------------------------------------------------------- steps
 def _good_images(recipe: DemoRecipe, n: int, *, seed: int) -> np.ndarray:
     """``n`` good frames of the demo conveyor, ROI-cropped and preprocessed: ``[n, S, S, 3]`` uint8."""
-    frames = demo_conveyor(recipe, seed=seed, defect_rate=0.0).good_frames(n, stride=5, seed=seed)
+    stride = 1 if recipe.trigger else 5
+    frames = demo_conveyor(recipe, seed=seed, defect_rate=0.0).good_frames(n, stride=stride, seed=seed)
     size = (recipe.image_size, recipe.image_size)
     return np.stack([to_model_input(crop_roi(f, recipe.roi_px), size) for f in frames])
 
@@ -208,24 +220,22 @@ def _good_images(recipe: DemoRecipe, n: int, *, seed: int) -> np.ndarray:
 def _defect_frames(recipe: DemoRecipe, n: int, *, seed: int) -> tuple[list[np.ndarray], list[str]]:
     """``n`` conveyor frames (full size) with a defect entirely inside the ROI, and the defect kinds."""
     conveyor = demo_conveyor(recipe, seed=seed, defect_rate=1.0)
-    x, y, w, h = recipe.roi_px
+    box = roi_box(recipe)
+    every = 1 if recipe.trigger else 4  # free-running: every 4th frame, for varied positions
     frames: list[np.ndarray] = []
     kinds: list[str] = []
     while len(frames) < n:
         _, frame = conveyor.read()
         truth = conveyor.truth
-        if truth is None or conveyor.frames_read % 4:  # every 4th frame: varied positions
+        if truth is None or conveyor.frames_read % every or not truth.defective_in(box, 1.0):
             continue
-        inside = [
-            d
-            for p in truth.parts
-            for d in p.defects
-            if d.visible_fraction >= 1.0 and d.box[0] >= x and d.box[1] >= y and d.box[2] <= x + w and d.box[3] <= y + h
-        ]
-        if inside:
-            frames.append(frame)
-            kinds.append(inside[0].kind)
+        frames.append(frame)
+        kinds.append(next(d.kind for p in truth.parts for d in p.defects if _inside(d.box, box)))
     return frames, kinds
+
+
+def _inside(inner: tuple[int, int, int, int], outer: tuple[int, int, int, int]) -> bool:
+    return inner[0] >= outer[0] and inner[1] >= outer[1] and inner[2] <= outer[2] and inner[3] <= outer[3]
 
 
 def _train(
@@ -284,7 +294,7 @@ def _calibrate(pkg_dir: Path, recipe: DemoRecipe, work: Path, *, progress: bool)
     good_dir.mkdir(parents=True)
     bad_dir.mkdir(parents=True)
     good_frames = demo_conveyor(recipe, seed=recipe.seed + 1, defect_rate=0.0).good_frames(
-        recipe.calib_good, stride=6, seed=recipe.seed + 1
+        recipe.calib_good, stride=1 if recipe.trigger else 6, seed=recipe.seed + 1
     )
     good_paths = []
     for i, frame in enumerate(good_frames):

@@ -7,7 +7,9 @@
 2. the broker: the one listening on ``--broker`` (default ``mqtt://127.0.0.1:1883``), or an embedded
    one (:func:`agent.demo.broker.ensure_broker`);
 3. the agent (:class:`agent.pipeline.Agent`) on a :class:`~agent.demo.conveyor.SyntheticConveyor`
-   at 15 frames/s, with the demo package, publishing on ``fod/demo/line1/<agent_id>/...``;
+   that emulates a triggered camera (one frame per part, 5 parts/s), scoring the ROI around the
+   part with the demo package and publishing on ``fod/demo/line1/<agent_id>/...``; every part is
+   judged on its own (``decision.debounce_n = debounce_m = 1``);
 4. a live console view fed by the MQTT messages themselves (so what it shows really went through
    the broker): frames, fps, score, verdict, the conveyor's ground truth, alarms; plus the preview
    URL and the ``mosquitto_sub`` line that shows the raw messages;
@@ -38,7 +40,7 @@ from typing import Any
 
 from agent.demo.broker import BrokerInfo, ensure_broker
 from agent.demo.conveyor import SyntheticConveyor
-from agent.demo.model import DEMO_RECIPE, DemoRecipe, cache_dir, demo_conveyor, ensure_demo_package
+from agent.demo.model import DEMO_RECIPE, DemoRecipe, cache_dir, demo_conveyor, ensure_demo_package, roi_box
 from agent.errors import AgentError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -47,7 +49,7 @@ CAMERA = "conveyor"
 ROI = "belt"
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 DEFAULT_HTTP_PORT = 8080
-CONVEYOR_FPS = 15.0
+CONVEYOR_FPS = 5.0
 CONVEYOR_SEED = 7
 CONVEYOR_DEFECT_RATE = 0.35
 _LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
@@ -129,6 +131,9 @@ def demo_overrides(
     overrides.setdefault("mqtt.topic_root", f"fod/demo/line1/{overrides['agent_id']}")
     overrides.setdefault("mqtt.outbox_dir", str(root / "outbox"))
     overrides.setdefault("snapshots.dir", str(root / "snapshots"))
+    if recipe.trigger:  # one frame per part: judge every part on its own
+        overrides.setdefault("decision.debounce_n", 1)
+        overrides.setdefault("decision.debounce_m", 1)
     if getattr(args, "config", None) is None:
         overrides.setdefault("http.host", "127.0.0.1")
     if "http.port" not in overrides:
@@ -150,6 +155,7 @@ def _run_with_broker(args: argparse.Namespace, pkg: Path, broker: BrokerInfo, st
         broker,
         topic_root=config.mqtt.topic_root,
         conveyor=conveyor,
+        roi_box=roi_box(DEMO_RECIPE),
         started=started,
         preview_url=f"http://{_url_host(config.http.host)}:{config.http.port}/" if config.http.port else None,
         model=str(pkg),
@@ -212,6 +218,8 @@ class DemoView:
         broker: where to subscribe.
         topic_root: the agent's ``mqtt.topic_root``.
         conveyor: the source, for its ground truth (:meth:`SyntheticConveyor.truth_at`).
+        roi_box: the scored region ``(x0, y0, x1, y1)``: a frame counts as defective when at least
+            half of a defect lies inside it.
         started: ``time.perf_counter()`` when the demo started (for the time to the first result).
         preview_url: the agent's status page, or None when HTTP is off.
         model: model package shown in the header.
@@ -223,6 +231,7 @@ class DemoView:
         *,
         topic_root: str,
         conveyor: SyntheticConveyor,
+        roi_box: tuple[int, int, int, int],
         started: float,
         preview_url: str | None,
         model: str,
@@ -230,6 +239,7 @@ class DemoView:
         self.broker = broker
         self.topic_root = topic_root
         self.conveyor = conveyor
+        self.roi_box = roi_box
         self.started = started
         self.preview_url = preview_url
         self.model = model
@@ -297,10 +307,11 @@ class DemoView:
         stats.last = data
         frame = data.get("source_frame")
         truth = self.conveyor.truth_at(frame) if isinstance(frame, int) else None
-        stats.last_truth = None if truth is None else truth.defective_in_view
-        if truth is not None:
+        defective = None if truth is None else truth.defective_in(self.roi_box)
+        stats.last_truth = defective
+        if defective is not None:
             ng = data.get("verdict") == "NG"
-            key = ("tp" if ng else "fn") if truth.defective_in_view else ("fp" if ng else "tn")
+            key = ("tp" if ng else "fn") if defective else ("fp" if ng else "tn")
             stats.agree[key] += 1
 
     def _on_alarm(self, data: dict[str, Any], retained: bool) -> None:
@@ -342,7 +353,7 @@ class DemoView:
             recent = [t for t in stats.times if t >= time.perf_counter() - 3.0]
             fps = len(recent) / 3.0
             last = stats.last or {}
-            truth = {None: "?", True: "defect in view", False: "good"}[stats.last_truth]
+            truth = {None: "?", True: "defective", False: "good"}[stats.last_truth]
             score = last.get("score")
             norm = last.get("normalized_score")
             score_text = (
@@ -397,7 +408,7 @@ class DemoView:
                     f"(threshold {last.get('threshold', 0):.4g} = 0.50)",
                 )
             colour = "red" if verdict == "NG" else "green"
-            truth_text = {None: "?", True: "[red]defective part in view[/]", False: "good parts only"}[truth]
+            truth_text = {None: "?", True: "[red]defective part[/]", False: "good part"}[truth]
             table.add_row("verdict", f"[{colour}]{verdict}[/]   ground truth: {truth_text}")
             if latency is not None:
                 table.add_row("latency", f"{latency:.1f} ms capture -> result")

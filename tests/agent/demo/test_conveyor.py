@@ -138,3 +138,28 @@ def test_good_frames_are_full_frames_without_defects():
 def test_bad_settings_raise_value_error_naming_the_setting(kwargs):
     with pytest.raises(ValueError, match="SyntheticConveyor"):
         SyntheticConveyor(**kwargs)
+
+
+def test_trigger_mode_shows_each_part_once_centred():
+    conveyor = SyntheticConveyor(320, 240, seed=8, trigger=True)
+    seen = []
+    for _ in range(6):
+        conveyor.read()
+        truth = conveyor.truth
+        assert truth is not None
+        centred = [p for p in truth.parts if abs((p.box[0] + p.box[2]) / 2 - 160) < 0.05 * 320]
+        assert len(centred) == 1, truth  # exactly one part at the centre (1 % jitter, rotation skews its box)
+        seen.append(centred[0].part_id)
+    assert seen == sorted(seen)
+    assert len(set(seen)) == 6  # a new part in every frame
+
+
+def test_defective_in_a_box():
+    conveyor = SyntheticConveyor(320, 240, seed=3, defect_rate=1.0, trigger=True)
+    conveyor.read()
+    truth = conveyor.truth
+    assert truth is not None
+    assert truth.defective_in((0, 0, 320, 240))
+    x0, y0, x1, y1 = truth.defect_boxes[0]
+    assert truth.defective_in((x0, y0, x1, y1), 1.0)
+    assert not truth.defective_in((x1, y1, x1 + 5, y1 + 5))  # beside the defect
