@@ -151,9 +151,13 @@ def run_gate(
         s32.append(np.asarray(a.score, np.float64).reshape(-1))
         svar.append(np.asarray(b.score, np.float64).reshape(-1))
     a32 = np.concatenate(s32)
-    av = np.concatenate(svar)
+    av_raw = np.concatenate(svar)
+    bad_scores = int(np.count_nonzero(~np.isfinite(av_raw)))
+    # a NaN / inf score can never be trusted: rank it below every real score (never NG)
+    floor = float(np.min(av_raw[np.isfinite(av_raw)])) - 1.0 if bad_scores < av_raw.size else -1.0
+    av = np.where(np.isfinite(av_raw), av_raw, floor)
     map_range = max(map_max - map_min, 1e-30)
-    pearson, spearman = _correlations(a32, np.nan_to_num(av, nan=0.0))
+    pearson, spearman = _correlations(a32, av)
     report = GateReport(precision=precision, criteria=asdict(criteria))
     m = report.metrics
     m.update(
@@ -171,6 +175,7 @@ def run_gate(
             "map_max_error": max_err / map_range,
             "map_mean_error": sum_err / max(count, 1) / map_range,
             "nonfinite_map_values": nonfinite,
+            "nonfinite_scores": bad_scores,
         }
     )
 
@@ -179,6 +184,7 @@ def run_gate(
             report.failures.append(line)
 
     check(nonfinite == 0, f"{nonfinite} NaN/inf anomaly-map values")
+    check(bad_scores == 0, f"{bad_scores} NaN/inf image scores")
     check(pearson >= criteria.min_score_pearson, f"score Pearson {pearson:.4f} < {criteria.min_score_pearson}")
     check(
         spearman >= criteria.min_score_spearman,
@@ -196,7 +202,7 @@ def run_gate(
         from sklearn.metrics import roc_auc_score
 
         auc32 = float(roc_auc_score(labels, a32))
-        aucv = float(roc_auc_score(labels, np.nan_to_num(av, nan=-np.inf)))
+        aucv = float(roc_auc_score(labels, av))
         m.update({"auroc_fp32": auc32, "auroc_variant": aucv, "auroc_change": aucv - auc32})
         check(
             auc32 - aucv <= criteria.max_auroc_drop,

@@ -369,3 +369,64 @@ def keep_float_consumers(model: onnx.ModelProto, quantized: set[str]) -> int:
         for n in dead:
             graph.node.remove(n)
     return rewired
+
+
+def remove_fp16_round_trips(model: onnx.ModelProto) -> int:
+    """Remove ``Cast(to=FLOAT16) -> Cast(to=FLOAT)`` pairs on FP32 tensors (changed in place).
+
+    The FP16 converter casts the output of every FP32-blocked node to FP16 and back to FP32 at the
+    input of the next one, even when both are blocked: a run of "FP32" nodes then still rounds
+    every intermediate to FP16, and e.g. ``sigma^2 = 1e-10`` underflows to 0 before its reciprocal.
+    This pass makes such runs FP32 for real: readers of the round trip read the FP32 tensor.
+
+    Returns:
+        Number of round trips removed.
+    """
+    graph = model.graph
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+    types.update({v.name: v.type.tensor_type.elem_type for v in graph.input})
+    types.update({i.name: i.data_type for i in graph.initializer})
+    producer = {o: n for n in graph.node for o in n.output}
+    outputs = {o.name for o in graph.output}
+
+    def cast_to(node: onnx.NodeProto) -> int | None:
+        if node.op_type != "Cast":
+            return None
+        return next((int(a.i) for a in node.attribute if a.name == "to"), None)
+
+    replace: dict[str, str] = {}
+    identities = 0
+    for node in graph.node:
+        if cast_to(node) != onnx.TensorProto.FLOAT:
+            continue
+        first = producer.get(node.input[0])
+        if first is None or cast_to(first) != onnx.TensorProto.FLOAT16:
+            continue
+        if types.get(first.input[0]) != onnx.TensorProto.FLOAT:
+            continue
+        if node.output[0] in outputs:  # keep the graph output's name: the Cast becomes an Identity
+            node.op_type = "Identity"
+            del node.attribute[:]
+            node.input[0] = first.input[0]
+            identities += 1
+        else:
+            replace[node.output[0]] = first.input[0]
+    if not replace and not identities:
+        return 0
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            if name in replace:
+                node.input[k] = replace[name]
+    while True:
+        read = {x for n in graph.node for x in n.input} | outputs
+        dead = [n for n in graph.node if n.op_type == "Cast" and all(o not in read for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+    produced = {o for n in graph.node for o in n.output}
+    stale = [v for v in graph.value_info if v.name not in produced]
+    for v in stale:
+        graph.value_info.remove(v)
+    return len(replace) + identities

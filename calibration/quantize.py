@@ -34,6 +34,7 @@ from calibration.graph import (
     fp16_blocked_nodes,
     keep_float_consumers,
     name_nodes,
+    remove_fp16_round_trips,
     select_int8_nodes,
 )
 
@@ -214,12 +215,14 @@ def convert_fp16(fp32_path: str | Path, out_path: str | Path) -> dict[str, Any]:
         )
     except Exception as exc:  # the converter raises plain exceptions of many kinds
         raise QuantizationError(f"{fp32_path}: FP16 conversion failed: {exc}") from exc
+    round_trips = remove_fp16_round_trips(half)
     onnx.save(half, str(out_path))
     ops = [n.op_type for n in half.graph.node]
     return {
         "settings": {"keep_io_types": True, "op_block_list": [o for o in op_block if o in FP16_BLOCKED_OPS]},
         "fp32_nodes_by_graph_rule": len(blocked),
         "cast_nodes": ops.count("Cast"),
+        "fp16_round_trips_removed": round_trips,
         "seconds": round(time.perf_counter() - start, 2),
     }
 

@@ -28,6 +28,7 @@ def test_int8_selection_keeps_attention_and_scoring_tail_in_fp32():
     assert sel.excluded == {
         "attn_logits": "output feeds a softmax (attention logits / RBF sigma)",
         "attn_values": "input is softmax probabilities",
+        "sigma_proj": "output feeds a softmax (attention logits / RBF sigma)",
         "smoothing": "scoring tail (after the last MatMul)",
     }
     keep_head = select_int8_nodes(model, keep_last_matmul=True)
@@ -130,6 +131,20 @@ def test_fp16_runs_on_ort_cpu_with_fp32_io_and_matches(variants, mvtec_root):
     s32, _ = _scores(variants["fp32"], mvtec_root)
     s16, _ = _scores(variants["fp16"], mvtec_root)
     np.testing.assert_allclose(s16, s32, rtol=1e-2)
+
+
+def test_fp16_rounding_between_fp32_nodes_is_removed(toy_fod_package_src, tmp_path, monkeypatch):
+    """The converter rounds tensors between two FP32-blocked nodes to FP16: sigma^2 = 1e-8 became 0."""
+    import calibration.quantize as quantize
+
+    x = np.full((2, *SIZE, 3), 128, np.uint8)
+    convert_fp16(toy_fod_package_src / "model.onnx", tmp_path / "fixed.onnx")
+    monkeypatch.setattr(quantize, "remove_fp16_round_trips", lambda model: 0)
+    convert_fp16(toy_fod_package_src / "model.onnx", tmp_path / "raw.onnx")
+    with OnnxRuntimeRunner(tmp_path / "raw.onnx", SIZE) as runner:
+        assert np.isnan(runner.infer(x).score).all()
+    with OnnxRuntimeRunner(tmp_path / "fixed.onnx", SIZE) as runner:
+        assert np.isfinite(runner.infer(x).score).all()
 
 
 def test_measure_latency_reports_timings(variants):

@@ -7,7 +7,9 @@ Same I/O contract as the real package (``image`` uint8 [N, H, W, 3] BGR -> ``ano
 * a projection MatMul with a constant weight (quantizable);
 * attention logits against folded reference keys (MatMul with a constant, feeding a Softmax),
   Softmax, attention x folded reference values (MatMul of softmax output): must stay FP32;
-* a KL divergence against a constant target (Log, ReduceSum) and a reconstruction head MatMul;
+* an RBF target ``softmax(-D / (2 sigma^2))`` with a learned sigma so small that ``sigma^2``
+  underflows in FP16 (the real model's hazard), a KL divergence (Log, ReduceSum) and a
+  reconstruction head MatMul;
 * the scoring tail: patch score = rec x KL, Resize to H x W, a smoothing Conv with constant
   weights (must stay FP32 although it is a Conv), ReduceMax.
 
@@ -69,12 +71,10 @@ def make_toy_fod_model(image_size: tuple[int, int] = (64, 64), seed: int = 0) ->
     ref_tokens = f.reshape(c2, n_tok).T  # [L, C]
     k_ref = (ref_tokens @ wp).T.astype(np.float32)  # [d, L]
     v_ref = (ref_tokens @ wp).astype(np.float32)  # [L, d]
-    # target: softmax of -dist^2 / 2 over the token grid (RBF with sigma 1)
+    # RBF target with a learned per-token sigma in (1e-4, 5e-4) grid cells: sigma^2 underflows in FP16
     yy, xx = np.divmod(np.arange(n_tok), ww)
-    dist = (yy[:, None] - yy[None]) ** 2 + (xx[:, None] - xx[None]) ** 2
-    logits = -dist / 2.0
-    target = np.exp(logits - logits.max(1, keepdims=True))
-    target = (target / target.sum(1, keepdims=True)).astype(np.float32)
+    dist = ((yy[:, None] - yy[None]) ** 2 + (xx[:, None] - xx[None]) ** 2).astype(np.float32)
+    ws = (rng.standard_normal((c2, 1)) * 0.3).astype(np.float32)
     g = cv2.getGaussianKernel(9, 2.0).astype(np.float32)
     smooth = (g @ g.T)[None, None].astype(np.float32)
     inits = [
@@ -88,8 +88,11 @@ def make_toy_fod_model(image_size: tuple[int, int] = (64, 64), seed: int = 0) ->
             "wo": wo,
             "k_ref": k_ref,
             "v_ref": v_ref,
-            "target": target,
-            "log_target": np.log(target + 1e-4).astype(np.float32),
+            "dist": dist,
+            "ws": ws,
+            "sig_scale": np.array(4e-4, np.float32),
+            "sig_min": np.array(1e-4, np.float32),
+            "half": np.array(0.5, np.float32),
             "smooth": smooth,
             "mean": np.array(127.5, np.float32),
             "scale": np.array(1 / 64.0, np.float32),
@@ -118,6 +121,19 @@ def make_toy_fod_model(image_size: tuple[int, int] = (64, 64), seed: int = 0) ->
         helper.make_node("Softmax", ["logits_s"], ["attn"], axis=-1),
         helper.make_node("MatMul", ["attn", "v_ref"], ["ctx"], name="attn_values"),
         helper.make_node("MatMul", ["ctx", "wo"], ["recon"], name="head"),
+        # target = softmax(-D / (2 sigma^2)), sigma = 1e-4 + 4e-4 * sigmoid(tokens @ ws)
+        helper.make_node("MatMul", ["tokens", "ws"], ["sigma_raw"], name="sigma_proj"),
+        helper.make_node("Sigmoid", ["sigma_raw"], ["sigma_sig"]),
+        helper.make_node("Mul", ["sigma_sig", "sig_scale"], ["sigma_scaled"]),
+        helper.make_node("Add", ["sigma_scaled", "sig_min"], ["sigma"]),
+        helper.make_node("Mul", ["sigma", "sigma"], ["sigma2"]),
+        helper.make_node("Reciprocal", ["sigma2"], ["inv_sigma2"]),
+        helper.make_node("Mul", ["inv_sigma2", "half"], ["inv_half"]),
+        helper.make_node("Mul", ["dist", "inv_half"], ["dist_scaled"]),
+        helper.make_node("Neg", ["dist_scaled"], ["target_logits"]),
+        helper.make_node("Softmax", ["target_logits"], ["target"], axis=-1),
+        helper.make_node("Add", ["target", "eps"], ["target_eps"]),
+        helper.make_node("Log", ["target_eps"], ["log_target"]),
         # KL(target || attn) per token
         helper.make_node("Add", ["attn", "eps"], ["attn_eps"]),
         helper.make_node("Log", ["attn_eps"], ["log_attn"]),
