@@ -7,7 +7,7 @@ current recipe (:data:`DEMO_RECIPE`); otherwise it builds one, with a progress b
    demo's region of interest and passed through :func:`fod.preprocess.to_model_input`;
 2. :func:`fod.train.train_model` + :func:`fod.checkpoint.save_checkpoint` (needs torch: the
    ``train`` extra);
-3. the export to a model package (:func:`_export_package`, which calls the lead's export API);
+3. :func:`fod.export.export_package`: the ONNX model package, parity-checked on demo frames;
 4. :func:`calibration.cli_calibrate.calibrate` on held-out good frames and on frames with defects,
    so the package carries a threshold and the demo can report recall.
 
@@ -180,11 +180,11 @@ def ensure_demo_package(
             f"good parts at {recipe.image_size} px; a few minutes on a laptop CPU, cached afterwards)"
         )
         images = _good_images(recipe, recipe.train_images, seed=recipe.seed)
-        run_dir = work / "run"
+        run_dir = work / "fod-demo"
         _train(images, recipe, run_dir, progress=progress, say=say)
         pkg_dir = work / "pkg"
-        say("demo model: exporting the ONNX package")
-        _export_package(run_dir, pkg_dir)
+        say("demo model: exporting the ONNX package (with the parity check against PyTorch)")
+        _export_package(run_dir, pkg_dir, images[:: max(1, len(images) // 8)][:8])
         say(f"demo model: calibrating the threshold on {recipe.calib_good} held-out good frames")
         summary = _calibrate(pkg_dir, recipe, work / "calib", progress=progress)
         (pkg_dir / "demo.json").write_text(
@@ -265,24 +265,33 @@ def _train(
     save_checkpoint(run_dir, model, record)
 
 
-def _export_package(run_dir: Path, pkg_dir: Path) -> None:
-    """Export a ``fod train`` run folder to a model package (``model.onnx`` + ``manifest.json``).
+def _export_package(run_dir: Path, pkg_dir: Path, parity_images: np.ndarray | None = None) -> None:
+    """Export a ``fod train`` run folder to a model package with :func:`fod.export.export_package`.
 
-    Waits for the lead's export API: ``fod.export.export_package(run_dir, out_dir)`` (the function
-    behind ``fod export --model RUN_DIR --out PKG_DIR``).
+    Args:
+        run_dir: the run folder (its name becomes the package's ``model_name``).
+        pkg_dir: the package folder to write.
+        parity_images: ``[N, S, S, 3]`` uint8 frames for the ONNX Runtime vs PyTorch parity check
+            (written as PNG beside the run); None lets the export use its default.
 
     Raises:
-        DemoModelError: the export API is not there (yet), or the export failed.
+        DemoModelError: the export API is missing.
     """
     try:
-        from fod.export import export_package  # type: ignore[import-not-found,unused-ignore]
+        from fod.export import export_package
     except ImportError as exc:
         raise DemoModelError(
             f"the demo needs fod.export.export_package(run_dir, out_dir) to turn its trained model into a "
             f"package, and this installation does not have it ({exc}); pass --model PKG_DIR to run the "
             "demo with an existing package"
         ) from exc
-    export_package(run_dir, pkg_dir)
+    data = None
+    if parity_images is not None:
+        data = run_dir.parent / "parity"
+        data.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(parity_images):
+            cv2.imwrite(str(data / f"parity_{i:02d}.png"), image)
+    export_package(run_dir, pkg_dir, data=data)
 
 
 def _calibrate(pkg_dir: Path, recipe: DemoRecipe, work: Path, *, progress: bool) -> dict[str, Any]:
