@@ -8,6 +8,10 @@ Both graphs score the same validation images, batch by batch; the gate compares:
 * the calibrated threshold: verdict agreement (NG/OK) with FP32 at the FP32 threshold, and the
   variant's false alarms on the good images at that threshold (must not exceed FP32's).
 
+For scale, the report also gives the *noise floor*: the same comparisons between FP32 on the images
+and FP32 on the images with +-1 grey level of uniform noise (less than any camera's noise). A variant
+that tracks FP32 about as well as that is as good as the model's own input sensitivity allows.
+
 A failing variant is not written unless the user forces it (``fod quantize --force``); the report
 goes into ``manifest.variants[precision]`` either way it is written.
 """
@@ -105,6 +109,7 @@ def run_gate(
     calibration: Calibration | None = None,
     criteria: GateCriteria | None = None,
     batch_size: int = 4,
+    noise_floor: bool = True,
 ) -> GateReport:
     """Score the validation images with both runners and check the criteria.
 
@@ -117,6 +122,7 @@ def run_gate(
         calibration: the package's calibration (enables the threshold checks); None skips them.
         criteria: pass limits; None uses :class:`GateCriteria` defaults.
         batch_size: images per inference call.
+        noise_floor: also score the images with +-1 grey level of noise in FP32 (one more pass).
 
     Returns:
         :class:`GateReport`.
@@ -137,9 +143,17 @@ def run_gate(
     count = 0
     map_min, map_max = math.inf, -math.inf
     nonfinite = 0
+    rng = np.random.default_rng(0)
+    s_noise: list[np.ndarray] = []
+    noise_err = 0.0
     for _, images in iter_batches(paths, fp32.image_size, batch_size):
         a = fp32.infer(images)
         b = variant.infer(images)
+        if noise_floor:
+            noisy = np.clip(images.astype(np.int16) + rng.integers(-1, 2, images.shape), 0, 255).astype(np.uint8)
+            c = fp32.infer(noisy)
+            s_noise.append(np.asarray(c.score, np.float64).reshape(-1))
+            noise_err += float(np.abs(np.asarray(c.anomaly_map, np.float64) - a.anomaly_map).sum())
         m32 = np.asarray(a.anomaly_map, np.float64)
         mv = np.asarray(b.anomaly_map, np.float64)
         nonfinite += int(np.count_nonzero(~np.isfinite(mv)))
@@ -178,6 +192,14 @@ def run_gate(
             "nonfinite_scores": bad_scores,
         }
     )
+    if noise_floor and s_noise:
+        an = np.concatenate(s_noise)
+        n_pearson, n_spearman = _correlations(a32, an)
+        m["fp32_noise_floor"] = {
+            "score_pearson": n_pearson,
+            "score_spearman": n_spearman,
+            "map_mean_error": noise_err / max(count, 1) / map_range,
+        }
 
     def check(ok: bool, line: str) -> None:
         if not ok:

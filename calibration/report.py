@@ -181,6 +181,12 @@ def format_gate_report(precision: str, entry: dict[str, Any]) -> str:
         f"anomaly map error : max {_pct(m.get('map_max_error'))}, mean {_pct(m.get('map_mean_error'))} "
         f"of the FP32 map range ({_fmt(m.get('map_range_fp32'))})",
     ]
+    nf = m.get("fp32_noise_floor")
+    if nf:
+        lines.append(
+            f"noise floor       : FP32 vs FP32 on +-1 grey level noise: Pearson {_fmt(nf.get('score_pearson'), 5)}, "
+            f"Spearman {_fmt(nf.get('score_spearman'), 5)}, mean map error {_pct(nf.get('map_mean_error'))}"
+        )
     if "auroc_fp32" in m:
         lines.append(
             f"image AUROC       : FP32 {_fmt(m['auroc_fp32'])}, {precision} {_fmt(m['auroc_variant'])}, "
