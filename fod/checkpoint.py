@@ -57,9 +57,9 @@ def load_checkpoint(path: str | Path) -> tuple[FODModel, dict[str, Any]]:
             weights that do not fit the saved config.
     """
     path = Path(path)
-    file = path / CHECKPOINT_NAME if path.is_dir() else path
+    file = path if path.suffix == ".pt" else path / CHECKPOINT_NAME
     if not file.is_file():
-        raise CheckpointError(f"{file}: no checkpoint; train one with `fod train --data DIR --out {path}`")
+        raise CheckpointError(f"{file}: not found; train a model with `fod train --data DIR --out {path}`")
     try:
         payload = torch.load(file, map_location="cpu", weights_only=False)
     except Exception as exc:  # torch raises many kinds for corrupt files

@@ -82,7 +82,7 @@ def load_images(paths: list[Path], size: tuple[int, int]) -> np.ndarray:
         try:
             out[i] = to_model_input(read_image(str(path)), size, source=str(path))
         except InputError as exc:
-            raise DataError(f"{exc}; remove the file or replace it with a readable image") from exc
+            raise DataError(str(exc)) from exc
     return out
 
 
