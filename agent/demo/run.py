@@ -415,7 +415,7 @@ class DemoView:
             a = stats.agree
             table.add_row(
                 "vs truth",
-                f"NG on defect {a['tp']}, OK on good {a['tn']}, false NG {a['fp']}, missed {a['fn']} (per frame)",
+                f"NG on defect {a['tp']}, OK on good {a['tn']}, false NG {a['fp']}, missed {a['fn']}",
             )
             alarm_colour = "red" if stats.alarm_state == "NG" else "green"
             table.add_row("alarm", f"[{alarm_colour}]{stats.alarm_state}[/]  ({stats.alarms_ng} NG alarms)")

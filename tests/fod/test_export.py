@@ -59,7 +59,8 @@ def test_onnxruntime_matches_pytorch_and_is_batch_invariant(tiny_run: Path, tiny
     assert np.abs(out.anomaly_map - ref.anomaly_map).max() / scale < 1e-3
     np.testing.assert_allclose(out.score, ref.score, rtol=1e-3)
     np.testing.assert_allclose(alone.anomaly_map[0], out.anomaly_map[1], rtol=1e-4, atol=1e-4 * scale)
-    assert out.anomaly_map.shape == (4, 1, 64, 64) and out.score.dtype == np.float32
+    assert out.anomaly_map.shape == (4, 1, 64, 64)
+    assert out.score.dtype == np.float32
 
 
 def test_predictor_takes_any_frame_size(tiny_fod_package: Path):
@@ -69,7 +70,8 @@ def test_predictor_takes_any_frame_size(tiny_fod_package: Path):
         gray = np.full((120, 200), 128, np.uint8)
         p = predictor.predict(gray)
         assert p.anomaly_map.shape == (120, 200)
-        assert np.isfinite(p.score) and p.inference_ms > 0
+        assert np.isfinite(p.score)
+        assert p.inference_ms > 0
         with pytest.raises(InputError, match="uint8"):
             predictor.predict(np.zeros((64, 64, 3), np.float32))
         with pytest.raises(InputError, match="channels"):
@@ -113,7 +115,8 @@ def test_checkpoint_of_another_version_is_refused(tiny_run: Path, tmp_path: Path
 def test_export_cli_writes_a_package(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     assert main(["export", "--model", str(tiny_run), "--out", str(tmp_path / "p")]) == 0
     out = capsys.readouterr().out
-    assert "parity" in out and "MatMul" in out
+    assert "parity" in out
+    assert "MatMul" in out
     assert ModelPackage(tmp_path / "p").manifest.parity["passed"]
     # a folder without checkpoint: exit 2, message names the file
     assert main(["export", "--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "q")]) == 2
