@@ -178,6 +178,10 @@ class SyntheticConveyor:
         draw_defects: False renders defective parts without their defects (same random stream,
             same ground truth), so a test can see which pixels the defects change.
         noise: std of the sensor noise in grey levels (0 turns it off).
+        variation: spread of the normal part-to-part variation, 0 to 1: size (up to +-8 %),
+            brightness (+-30 grey levels), tint, rotation (+-25 degrees) and the vertical
+            position on the belt (+-1/16 of the height) are scaled by it. 1 is a loosely
+            controlled process; a machined part under a trigger and guide rails is nearer 0.3.
 
     Raises:
         ValueError: a size, rate or kind out of range.
@@ -200,6 +204,7 @@ class SyntheticConveyor:
         trigger: bool = False,
         draw_defects: bool = True,
         noise: float = 2.0,
+        variation: float = 1.0,
     ) -> None:
         if width < 64 or height < 64:
             raise ValueError(f"SyntheticConveyor: frame {width}x{height} px is too small; use at least 64x64")
@@ -207,6 +212,8 @@ class SyntheticConveyor:
             raise ValueError(f"SyntheticConveyor: defect_rate={defect_rate} must be in [0, 1]")
         if not 0.15 <= part_size <= 0.8:
             raise ValueError(f"SyntheticConveyor: part_size={part_size} must be in [0.15, 0.8] of the height")
+        if not 0.0 <= variation <= 1.0:
+            raise ValueError(f"SyntheticConveyor: variation={variation} must be in [0, 1]")
         if speed_px <= 0:
             raise ValueError(f"SyntheticConveyor: speed_px={speed_px} must be > 0")
         if fps is not None and fps <= 0:
@@ -237,6 +244,7 @@ class SyntheticConveyor:
         self.last_id: int | None = None
         self.draw_defects = draw_defects
         self.noise = float(noise)
+        self.variation = float(variation)
 
         self._lock = threading.Lock()
         self._rng = np.random.default_rng([self.seed, 0])
@@ -320,9 +328,7 @@ class SyntheticConveyor:
             return self._history.get(index)
 
     # ------------------------------------------------------------------ image sets for models
-    def good_part_images(
-        self, n: int, size: tuple[int, int] = (256, 256), *, seed: int | None = None
-    ) -> np.ndarray:
+    def good_part_images(self, n: int, size: tuple[int, int] = (256, 256), *, seed: int | None = None) -> np.ndarray:
         """Centred crops of ``n`` good parts on the belt, as a camera triggered on each part sees them.
 
         Args:
@@ -381,6 +387,7 @@ class SyntheticConveyor:
             gap=self.gap,
             noise=self.noise,
             trigger=self.trigger,
+            variation=self.variation,
         )
         out = np.empty((n, self.height, self.width, 3), np.uint8)
         for i in range(n * max(1, stride)):
@@ -412,11 +419,9 @@ class SyntheticConveyor:
         if rng.random() < self.defect_rate:
             count = 2 if rng.random() < 0.2 else 1
             kinds = [self.defect_kinds[int(rng.integers(len(self.defect_kinds)))] for _ in range(count)]
-        sprite = _render_part(
-            np.random.default_rng(part_seed), shape, self.part_size_px, kinds, self.draw_defects
-        )
+        sprite = _render_part(np.random.default_rng(part_seed), shape, self.part_size_px, kinds, self.draw_defects)
         canvas = sprite.image.shape[0]
-        jitter = int(rng.integers(-self.height // 16, self.height // 16 + 1))
+        jitter = round(int(rng.integers(-self.height // 16, self.height // 16 + 1)) * self.variation)
         y = (self.height - canvas) // 2 + jitter
         placed = _Placed(self._next_part_id, sprite, x, y)
         self._next_part_id += 1
@@ -513,14 +518,8 @@ class SyntheticConveyor:
         grain: np.ndarray = rng.standard_normal((h, period)).astype(np.float32)
         streaks: np.ndarray = rng.standard_normal((h, period)).astype(np.float32)
         grain = cv2.GaussianBlur(np.tile(grain, (1, 3)), (0, 0), 0.8)[:, period : 2 * period]
-        streaks = cv2.GaussianBlur(np.tile(streaks, (1, 3)), (0, 0), sigmaX=12.0, sigmaY=0.7)[
-            :, period : 2 * period
-        ]
-        tile = (
-            58.0
-            + 5.0 * grain / max(float(grain.std()), 1e-6)
-            + 4.0 * streaks / max(float(streaks.std()), 1e-6)
-        )
+        streaks = cv2.GaussianBlur(np.tile(streaks, (1, 3)), (0, 0), sigmaX=12.0, sigmaY=0.7)[:, period : 2 * period]
+        tile = 58.0 + 5.0 * grain / max(float(grain.std()), 1e-6) + 4.0 * streaks / max(float(streaks.std()), 1e-6)
         tile[:, :3] -= 18.0  # the seam between belt segments
         tile[:, 3:5] += 6.0
         rail = max(4, h // 12)
@@ -573,9 +572,7 @@ class SyntheticConveyor:
             shape = self.part_shapes[int(rng.integers(len(self.part_shapes)))]
             part_kinds: list[DefectKind] = [cycle[i % len(cycle)]] if defective else []
             part_seed = int(rng.integers(2**62))
-            sprite = _render_part(
-                np.random.default_rng(part_seed), shape, self.part_size_px, part_kinds, True
-            )
+            sprite = _render_part(np.random.default_rng(part_seed), shape, self.part_size_px, part_kinds, True)
             # the belt under the part, at a random place along the belt
             start = int(rng.integers(_SEAM_PERIOD_PX))
             y0 = (self.height - side) // 2 + int(rng.integers(-4, 5))
@@ -607,11 +604,21 @@ class SyntheticConveyor:
 
 # ---------------------------------------------------------------------- part rendering
 def _render_part(
-    rng: np.random.Generator, shape: PartShape, size_px: int, kinds: Sequence[DefectKind], draw_defects: bool
+    rng: np.random.Generator,
+    shape: PartShape,
+    size_px: int,
+    kinds: Sequence[DefectKind],
+    draw_defects: bool,
+    variation: float = 1.0,
 ) -> _Sprite:
-    """Render one part (and its defects) on a square canvas 1.5 times its nominal size."""
+    """Render one part (and its defects) on a square canvas 1.5 times its nominal size.
+
+    ``variation`` scales the part-to-part spread of size, brightness, tint and rotation (the
+    texture itself always differs).
+    """
     canvas = int(size_px * 1.5) | 1
-    scale = float(rng.uniform(0.92, 1.08))
+    spread = variation
+    scale = 1.0 + float(rng.uniform(-0.08, 0.08)) * spread
     s = size_px * scale
     c = canvas / 2.0
     ys, xs = np.mgrid[0:canvas, 0:canvas].astype(np.float32)
@@ -621,16 +628,16 @@ def _render_part(
         radius = s / 2.0
         r = np.sqrt(dx * dx + dy * dy)
         mask = (r <= radius).astype(np.uint8) * 255
-        base = float(rng.uniform(135, 195))
+        base = 165.0 + float(rng.uniform(-30, 30)) * spread
         rings = np.sin(2 * np.pi * r / float(rng.uniform(2.5, 5.0)) + float(rng.uniform(0, 6.3)))
         swirl = _unit_noise(rng, (canvas, canvas), 2.0)
         texture = 6.0 * rings + 3.0 * swirl
-        tint = rng.uniform(-6, 6, 3)
+        tint = rng.uniform(-6, 6, 3) * spread
     else:
         aspect = float(rng.uniform(0.62, 0.9)) if shape == "plate" else float(rng.uniform(0.9, 1.0))
         half_w, half_h = s / 2.0, s * aspect / 2.0
         corner = float(rng.uniform(0.05, 0.18)) * s
-        angle = float(rng.uniform(-25, 25))
+        angle = float(rng.uniform(-25, 25)) * spread
         theta = np.deg2rad(angle)
         u = dx * np.cos(theta) + dy * np.sin(theta)
         v = -dx * np.sin(theta) + dy * np.cos(theta)
@@ -638,23 +645,21 @@ def _render_part(
         qy = np.maximum(np.abs(v) - (half_h - corner), 0)
         mask = ((qx * qx + qy * qy) <= corner * corner).astype(np.uint8) * 255
         if shape == "plate":
-            base = float(rng.uniform(140, 200))
+            base = 170.0 + float(rng.uniform(-30, 30)) * spread
             brushed: np.ndarray = rng.standard_normal((canvas, canvas)).astype(np.float32)
             brushed = cv2.GaussianBlur(brushed, (0, 0), sigmaX=9.0, sigmaY=0.6)
             matrix = cv2.getRotationMatrix2D((c, c), -angle, 1.0)
             brushed = cv2.warpAffine(brushed, matrix, (canvas, canvas), borderMode=cv2.BORDER_REFLECT)
-            texture = 10.0 * brushed / max(float(brushed.std()), 1e-6) + 2.0 * _unit_noise(
-                rng, (canvas, canvas), 1.0
-            )
-            tint = rng.uniform(-6, 6, 3)
+            texture = 10.0 * brushed / max(float(brushed.std()), 1e-6) + 2.0 * _unit_noise(rng, (canvas, canvas), 1.0)
+            tint = rng.uniform(-6, 6, 3) * spread
         else:  # tile: a textured (cast, sand-blasted or stone-like) part
-            base = float(rng.uniform(95, 160))
+            base = 127.5 + float(rng.uniform(-32.5, 32.5)) * spread
             coarse = _unit_noise(rng, (canvas, canvas), float(rng.uniform(6, 12)))
             fine = _unit_noise(rng, (canvas, canvas), 1.0)
             speckle = (_unit_noise(rng, (canvas, canvas), 1.2) > 2.0).astype(np.float32)
             texture = 9.0 * coarse + 7.0 * fine - 25.0 * speckle
             palette = np.array([[10, 25, 45], [20, 20, 20], [35, 20, 5], [5, 30, 15]], np.float32)
-            tint = palette[int(rng.integers(len(palette)))] - 20.0 + rng.uniform(-6, 6, 3)
+            tint = palette[int(rng.integers(len(palette)))] - 20.0 + rng.uniform(-6, 6, 3) * spread
 
     # lighting: a soft gradient from a random direction, darker bevelled rim
     light = float(rng.uniform(0, 2 * np.pi))
