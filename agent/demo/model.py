@@ -57,6 +57,10 @@ class DemoRecipe:
         trigger: the conveyor emulates a triggered camera (one frame per part, centred), as most
             inspection stations do; FOD compares each image with the mean appearance at each
             position of the good images, so it needs parts presented the same way every time.
+        part_shapes: the product on the belt (one model per product, as on a real line).
+        variation: normal part-to-part spread of the conveyor (see :class:`SyntheticConveyor`).
+        gap: free belt between parts as a fraction of the frame width; wide enough that the
+            neighbours stay out of the ROI.
         roi_px: ``(x, y, width, height)`` of the region the model scores, in frame px.
         image_size: square model input in px.
         train_images: good frames to train on.
@@ -70,10 +74,13 @@ class DemoRecipe:
     version: int = RECIPE_VERSION
     frame_size: tuple[int, int] = (640, 480)
     trigger: bool = True
+    part_shapes: tuple[str, ...] = ("disc",)
+    variation: float = 0.3
+    gap: tuple[float, float] = (0.35, 0.6)
     roi_px: tuple[int, int, int, int] = (120, 40, 400, 400)
     image_size: int = 128
     train_images: int = 100
-    epochs: int = 3
+    epochs: int = 4
     calib_good: int = 40
     calib_defect: int = 24
     target_far: float = 0.01
@@ -94,9 +101,15 @@ def cache_dir() -> Path:
 
 
 def demo_conveyor(recipe: DemoRecipe = DEMO_RECIPE, **kwargs: Any) -> SyntheticConveyor:
-    """A conveyor with the demo's frame size and trigger mode (other settings as keyword arguments)."""
+    """A conveyor set up as the recipe says (frame size, trigger, product, variation, gap).
+
+    Other settings (seed, defect rate, fps ...) are keyword arguments of :class:`SyntheticConveyor`.
+    """
     width, height = recipe.frame_size
     kwargs.setdefault("trigger", recipe.trigger)
+    kwargs.setdefault("part_shapes", recipe.part_shapes)
+    kwargs.setdefault("variation", recipe.variation)
+    kwargs.setdefault("gap", recipe.gap)
     return SyntheticConveyor(width, height, **kwargs)
 
 
@@ -205,7 +218,21 @@ def ensure_demo_package(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     say(f"demo model: ready in {time.perf_counter() - start:.0f} s, cached in {final}")
+    say(f"demo model: {describe_quality(summary)}")
     return final
+
+
+def describe_quality(summary: dict[str, Any]) -> str:
+    """One line on the demo model's threshold and how it does on the held-out frames of the build."""
+    labelled = summary.get("labelled") or {}
+    text = f"threshold {summary.get('image_threshold', float('nan')):.4g} on {summary.get('n_normal')} good frames"
+    auroc, recall, far = labelled.get("image_auroc"), labelled.get("recall"), labelled.get("far")
+    if isinstance(auroc, float) and isinstance(recall, float) and isinstance(far, float):
+        text += (
+            f"; on {labelled.get('n_defect')} held-out defective parts: image AUROC {auroc:.3f}, "
+            f"recall {recall:.2f} at a false-alarm rate of {far:.2f}"
+        )
+    return text
 
 
 # ---------------------------------------------------------------------- steps
@@ -336,3 +363,32 @@ def _calibrate(pkg_dir: Path, recipe: DemoRecipe, work: Path, *, progress: bool)
         "n_normal": calibration.n_normal,
         "labelled": labelled,
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m agent.demo.model [--rebuild] [--cache DIR]``: build the demo package and say how good it is.
+
+    Returns:
+        0, or 1 when the package cannot be built (the reason is printed).
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m agent.demo.model", description=main.__doc__)
+    parser.add_argument("--rebuild", action="store_true", help="delete the cached package and build it again")
+    parser.add_argument("--cache", type=Path, default=None, help="cache folder (default: $FOD_CACHE_DIR/demo)")
+    args = parser.parse_args(argv)
+    root = args.cache or cache_dir()
+    if args.rebuild:
+        shutil.rmtree(root / "pkg", ignore_errors=True)
+    try:
+        pkg = ensure_demo_package(root=root)
+    except AgentError as exc:
+        print(f"demo model: error: {exc}")
+        return 1
+    summary = json.loads((pkg / "demo.json").read_text()).get("calibration", {})
+    print(f"demo model: {pkg}: {describe_quality(summary)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
