@@ -503,7 +503,7 @@ class _Bench:
         scored = int(agent.registry.get_sample_value("fod_frames_scored_total", {"camera": camera}) or 0)
         self.collector.wait_settled(scored)
         status = agent.cameras[camera].worker.status()
-        rows = self.collector.rows()
+        rows = self.collector.rows()[:expected]  # results of frames in flight at the stop are not counted
         skip = min(s.warmup_frames, max(0, len(rows) - 2))
         span = (source.last_read or 0.0) - (source.first_read or 0.0)
         out: dict[str, Any] = {

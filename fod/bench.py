@@ -510,7 +510,7 @@ def latency_ratios(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]
                     "candidate": f"{cand[0]}/{cand[1]}",
                     "reference": f"{ref[0]}/{ref[1]}",
                     "batch": batch,
-                    "latency_ratio": round(c / r, 3),
+                    "latency_ratio": round(c / r, 4),
                     "speedup": round(r / c, 2),
                 }
             )
@@ -619,6 +619,8 @@ STAGES = ("capture", "preprocess", "inference", "postprocess")
 def _agent_lines(agent: Mapping[str, Any]) -> list[str]:
     if agent.get("skipped"):
         return [f"### Agent end to end: skipped ({agent['skipped']})"]
+    if agent.get("error"):
+        return [f"### Agent end to end: FAILED ({agent['error']})"]
     s, lat, over, mem = agent["sustained"], agent["latency"], agent["overload"], agent["memory"]
     bare = agent["bare_backend"]
     size = agent["source"]["frame_size"]
@@ -755,11 +757,15 @@ def _say(message: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the benchmark, print the tables, write ``--json``; returns 0.
+    """Run the benchmark, print the tables, write ``--json``.
+
+    Returns:
+        0, or 1 when the agent part failed (its error is in the table and the JSON; the model part
+        still runs).
 
     Raises:
-        FodError: invalid package or settings; errors of the agent part (``agent.errors.AgentError``)
-            are reported in the JSON and the table, not raised.
+        FodError: invalid package or settings. Errors of the agent part (``agent.errors.AgentError``)
+            are reported, not raised.
     """
     defaults = QUICK if args.quick else DEFAULTS
     repeats = args.repeats if args.repeats is not None else defaults["repeats"]
@@ -823,7 +829,7 @@ def run(args: argparse.Namespace) -> int:
         text = json.dumps(_finite(report), indent=2, allow_nan=False, default=_json_default)
         args.json.write_text(text + "\n", encoding="utf-8")
         _say(f"wrote {args.json}")
-    return 0
+    return 1 if report.get("agent", {}).get("error") else 0
 
 
 def _finite(value: Any) -> Any:
@@ -846,7 +852,12 @@ def _json_default(value: Any) -> Any:
 
 
 def _run_agent_part(args: argparse.Namespace, *, frames: int, long_frames: int) -> dict[str, Any]:
-    """Run :func:`agent.bench.bench_agent`; a missing agent dependency or an agent error becomes ``skipped``."""
+    """Run :func:`agent.bench.bench_agent`.
+
+    Returns:
+        Its report; ``{"skipped": reason}`` when the agent cannot be imported here (a missing
+        dependency), ``{"error": message}`` when the agent part failed (no broker, package refused).
+    """
     try:
         from agent.bench import AgentBenchSettings, bench_agent
         from agent.errors import AgentError
@@ -866,4 +877,4 @@ def _run_agent_part(args: argparse.Namespace, *, frames: int, long_frames: int) 
         return bench_agent(args.model, settings, progress=_say)
     except AgentError as exc:
         _say(f"agent part failed: {exc}")
-        return {"skipped": str(exc)}
+        return {"error": str(exc)}
