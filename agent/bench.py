@@ -226,7 +226,8 @@ def peak_rss_mib() -> float | None:
 # ---------------------------------------------------------------------------------------------- collector
 
 # columns of ResultCollector.data
-RECV, CAPTURE_TS, TOTAL, CAPTURE, PREPROCESS, INFERENCE, POSTPROCESS, SOURCE_FRAME = range(8)
+RECV, CAPTURE_TS, TOTAL, CAPTURE, PREPROCESS, INFERENCE, POSTPROCESS, SOURCE_FRAME, SEQ = range(9)
+COLUMNS = 9
 
 
 class ResultCollector:
@@ -235,7 +236,7 @@ class ResultCollector:
     One row per message in a float64 array allocated (and touched) up front, so that recording
     does not grow this process's memory during the memory measurement: receive wall time (unix s),
     ``capture_ts`` (unix s), ``latency_ms.total``, ``.capture``, ``.preprocess``, ``.inference``,
-    ``.postprocess`` (ms) and ``source_frame``.
+    ``.postprocess`` (ms), ``source_frame`` and ``seq`` (the agent's count of scored frames).
 
     Args:
         config: the agent's ``[mqtt]`` section (host, port, credentials, TLS are reused).
@@ -249,7 +250,7 @@ class ResultCollector:
         self.topic_root = topic_root
         self._lock = threading.Lock()
         self._topic = ""
-        self.data = np.full((0, 8), np.nan)
+        self.data = np.full((0, COLUMNS), np.nan)
         self.count = 0
         self.overflow = 0
         self.bad = 0
@@ -289,7 +290,7 @@ class ResultCollector:
             capacity: rows to allocate; results beyond it are counted but not recorded.
             on_count: called (in the subscriber's thread) with the running count after each result.
         """
-        data = np.full((capacity, 8), np.nan)  # full, not zeros: the pages are touched now
+        data = np.full((capacity, COLUMNS), np.nan)  # full, not zeros: the pages are touched now
         with self._lock:
             self._topic = f"{self.topic_root}/{camera}/result"
             self.data = data
@@ -315,6 +316,7 @@ class ResultCollector:
                 float(lat["inference"]),
                 float(lat["postprocess"]),
                 float(source) if isinstance(source, int | float) else math.nan,
+                float(payload["seq"]),
             )
         except (ValueError, KeyError, TypeError):
             self.bad += 1
@@ -330,7 +332,7 @@ class ResultCollector:
             callback(count)
 
     def rows(self) -> np.ndarray:
-        """The recorded rows so far, ``[n, 8]`` float64 (a copy)."""
+        """The recorded rows so far, ``[n, 9]`` float64 in order of arrival (a copy)."""
         with self._lock:
             return self.data[: min(self.count, len(self.data))].copy()
 
@@ -376,12 +378,18 @@ def latency_stats(rows: np.ndarray, skip: int) -> dict[str, Any]:
     return out
 
 
-def rate_per_s(times: np.ndarray, skip: int) -> float:
-    """Events per second from sorted event times (s), the first ``skip`` left out; NaN with < 2 events."""
-    t = np.sort(times[np.isfinite(times)])[skip:]
-    if len(t) < 2 or t[-1] <= t[0]:
+def scored_per_s(rows: np.ndarray, skip: int) -> float:
+    """Frames scored per second, from the ``seq`` and receive time of the first and last row after ``skip``.
+
+    Counting by ``seq`` rather than by rows keeps the rate right when a QoS 0 result was lost.
+
+    Returns:
+        frames/s, NaN with fewer than 2 rows or no time between them.
+    """
+    used = rows[skip:]
+    if len(used) < 2 or not used[-1, RECV] > used[0, RECV]:
         return math.nan
-    return round(float((len(t) - 1) / (t[-1] - t[0])), 2)
+    return round(float((used[-1, SEQ] - used[0, SEQ]) / (used[-1, RECV] - used[0, RECV])), 2)
 
 
 # ---------------------------------------------------------------------------------------------- the benchmark
@@ -439,9 +447,13 @@ class _Bench:
         samples: list[tuple[int, float | None]] = []
         marks = {min(s.first_frames, n)} | {max(1, round(n * k / 10)) for k in range(1, 11)}
 
+        tenth = {max(1, round(n * k / 10)) for k in range(1, 10)}
+
         def on_count(count: int) -> None:
             if count in marks:
                 samples.append((count, rss_mib()))
+                if count in tenth and n >= 1000:
+                    self.say(f"agent: sustained run {count}/{n} frames, RSS {samples[-1][1]} MiB")
 
         self.collector.start("sustained", n + 64, on_count)
         source = MemoryReplay(self.frames, live=False, limit=n)
@@ -460,7 +472,8 @@ class _Bench:
             "frames_scored": scored,
             "received": self.collector.count,
             "lost": max(0, scored - self.collector.count),
-            "fps": rate_per_s(rows[:, RECV], skip),
+            "dropped_by_agent_link": _dropped_results(agent),
+            "fps": scored_per_s(rows, skip),
             "wall_s": round(wall, 2),
             **{k: v for k, v in latency_stats(rows, skip).items() if k != "received"},
         }
@@ -516,8 +529,9 @@ class _Bench:
             "drop_fraction": (
                 round(status.frames_dropped / status.frames_captured, 4) if status.frames_captured else None
             ),
-            "scored_fps": rate_per_s(rows[:, RECV], skip),
+            "scored_fps": scored_per_s(rows, skip),
             "lost": max(0, scored - self.collector.count),
+            "dropped_by_agent_link": _dropped_results(agent),
             **latency_stats(rows, skip),
         }
         used = rows[skip:]
@@ -529,6 +543,16 @@ class _Bench:
                 age_max_ms=round(float(age.max()), 3),
             )
         return out
+
+
+def _dropped_results(agent: Agent) -> int:
+    """Result messages the agent's MQTT link dropped (``fod_mqtt_messages_dropped_total{kind="result"}``)."""
+    total = 0.0
+    for metric in agent.registry.collect():
+        for sample in metric.samples:
+            if sample.name == "fod_mqtt_messages_dropped_total" and sample.labels.get("kind") == "result":
+                total += sample.value
+    return int(total)
 
 
 def _memory_report(samples: list[tuple[int, float | None]], first: int, last: int) -> dict[str, Any]:
@@ -682,7 +706,10 @@ def bench_agent(
             )
         for name, part in (("sustained", sustained), ("latency", latency), ("overload", overload)):
             if part.get("lost"):
-                notes.append(f"{name}: {part['lost']} QoS 0 results scored but not received (broker or client queue)")
+                notes.append(
+                    f"{name}: {part['lost']} QoS 0 results scored but not received ({part['dropped_by_agent_link']} "
+                    "dropped by the agent's MQTT link while disconnected, the rest by the broker or a client queue)"
+                )
         if ratio is not None and ratio < 0.9:
             notes.append(
                 "agent / bare < 0.9: with a model this fast the per-frame work around inference (resize, decision, "

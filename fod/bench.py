@@ -701,6 +701,12 @@ def add_parser(subparsers: Any) -> None:
         "--threads", type=int, metavar="T", help="intra-op threads of ONNX Runtime and PyTorch (default: theirs)"
     )
     p.add_argument(
+        "--backends",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time each backend and precision (default on; --no-backends runs the agent part only)",
+    )
+    p.add_argument(
         "--agent",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -774,6 +780,8 @@ def run(args: argparse.Namespace) -> int:
     long_frames = args.long_frames if args.long_frames is not None else defaults["long_frames"]
     if min(repeats, frames, long_frames, args.batch) < 1 or warmup < 0:
         raise InputError("--batch, --repeats, --frames and --long-frames must be >= 1, --warmup >= 0")
+    if not (args.agent or args.backends):
+        raise InputError("--no-agent and --no-backends together leave nothing to measure; drop one")
     if args.threads is not None and args.threads < 1:
         raise InputError(f"--threads must be >= 1, got {args.threads}")
     package = ModelPackage(args.model)
@@ -802,21 +810,23 @@ def run(args: argparse.Namespace) -> int:
             "frames": frames,
             "long_frames": long_frames,
             "agent": bool(args.agent),
+            "backends": bool(args.backends),
         },
     }
     # the agent part runs first, so that its resident memory is not inflated by torch and the
     # model part's sessions (PyTorch is imported only by the model part)
     if args.agent:
         report["agent"] = _run_agent_part(args, frames=frames, long_frames=long_frames)
-    report["model"] = bench_models(
-        package,
-        checkpoint=args.checkpoint,
-        batch=args.batch,
-        repeats=repeats,
-        warmup=warmup,
-        threads=args.threads,
-        progress=_say,
-    )
+    if args.backends:
+        report["model"] = bench_models(
+            package,
+            checkpoint=args.checkpoint,
+            batch=args.batch,
+            repeats=repeats,
+            warmup=warmup,
+            threads=args.threads,
+            progress=_say,
+        )
     try:
         report["machine"]["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
     except OSError:

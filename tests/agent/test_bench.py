@@ -17,12 +17,13 @@ import pytest
 from agent.bench import (
     CAPTURE_TS,
     RECV,
+    SEQ,
     TOTAL,
     MemoryReplay,
     _broker,
     latency_stats,
-    rate_per_s,
     rss_mib,
+    scored_per_s,
 )
 from agent.demo.broker import probe_mqtt
 from fod.cli import main
@@ -153,7 +154,7 @@ def test_memory_replay_ends_or_signals() -> None:
 
 
 def test_statistics_of_rows() -> None:
-    rows = np.full((12, 8), np.nan)
+    rows = np.full((12, 9), np.nan)
     rows[:, CAPTURE_TS] = 1000.0 + np.arange(12) * 0.1  # 10 frames/s
     rows[:, RECV] = rows[:, CAPTURE_TS] + 0.005  # 5 ms capture -> receive
     rows[:, TOTAL] = 4.0
@@ -163,8 +164,11 @@ def test_statistics_of_rows() -> None:
     assert stats["receive_p50_ms"] == pytest.approx(5.0, abs=1e-3)
     assert stats["total_p99_ms"] == 4.0
     assert stats["stage_mean_ms"]["inference"] == 1.0
-    assert rate_per_s(rows[:, RECV], skip=2) == pytest.approx(10.0)
-    assert math.isnan(rate_per_s(rows[:1, RECV], skip=0))
+    rows[:, SEQ] = np.arange(12)
+    assert scored_per_s(rows, skip=2) == pytest.approx(10.0)
+    # a lost result (row 5 missing) does not change the rate: it is counted by seq
+    assert scored_per_s(np.delete(rows, 5, axis=0), skip=2) == pytest.approx(10.0)
+    assert math.isnan(scored_per_s(rows[:1], skip=0))
 
 
 def test_rss_is_read() -> None:
