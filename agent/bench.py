@@ -226,8 +226,8 @@ def peak_rss_mib() -> float | None:
 # ---------------------------------------------------------------------------------------------- collector
 
 # columns of ResultCollector.data
-RECV, CAPTURE_TS, TOTAL, CAPTURE, PREPROCESS, INFERENCE, POSTPROCESS, SOURCE_FRAME, SEQ = range(9)
-COLUMNS = 9
+RECV, CAPTURE_TS, TOTAL, CAPTURE, PREPROCESS, INFERENCE, POSTPROCESS, SOURCE_FRAME, SEQ, NG = range(10)
+COLUMNS = 10
 
 
 class ResultCollector:
@@ -236,7 +236,8 @@ class ResultCollector:
     One row per message in a float64 array allocated (and touched) up front, so that recording
     does not grow this process's memory during the memory measurement: receive wall time (unix s),
     ``capture_ts`` (unix s), ``latency_ms.total``, ``.capture``, ``.preprocess``, ``.inference``,
-    ``.postprocess`` (ms), ``source_frame`` and ``seq`` (the agent's count of scored frames).
+    ``.postprocess`` (ms), ``source_frame``, ``seq`` (the agent's count of scored frames) and 1.0
+    for an ``NG`` verdict, else 0.0.
 
     Args:
         config: the agent's ``[mqtt]`` section (host, port, credentials, TLS are reused).
@@ -317,6 +318,7 @@ class ResultCollector:
                 float(lat["postprocess"]),
                 float(source) if isinstance(source, int | float) else math.nan,
                 float(payload["seq"]),
+                1.0 if payload.get("verdict") == "NG" else 0.0,
             )
         except (ValueError, KeyError, TypeError):
             self.bad += 1
@@ -332,7 +334,7 @@ class ResultCollector:
             callback(count)
 
     def rows(self) -> np.ndarray:
-        """The recorded rows so far, ``[n, 9]`` float64 in order of arrival (a copy)."""
+        """The recorded rows so far, ``[n, 10]`` float64 in order of arrival (a copy)."""
         with self._lock:
             return self.data[: min(self.count, len(self.data))].copy()
 
@@ -362,11 +364,13 @@ def latency_stats(rows: np.ndarray, skip: int) -> dict[str, Any]:
     Returns:
         ``receive_p50_ms`` .. ``receive_p99_ms`` (capture_ts -> reception), ``total_p50_ms`` ..
         ``total_p99_ms`` (payload ``latency_ms.total``), ``stage_mean_ms`` (capture wait,
-        preprocess, inference, postprocess, total) and ``received`` (rows used).
+        preprocess, inference, postprocess, total), ``received`` (rows used) and ``ng_fraction``
+        (share of NG verdicts).
     """
     used = rows[skip:] if len(rows) > skip else rows
     receive_ms = (used[:, RECV] - used[:, CAPTURE_TS]) * 1e3
     out: dict[str, Any] = {"received": len(used)}
+    out["ng_fraction"] = round(float(np.mean(used[:, NG])), 4) if len(used) else math.nan
     for q in (50, 95, 99):
         out[f"receive_p{q}_ms"] = percentile_ms(receive_ms, q)
         out[f"total_p{q}_ms"] = percentile_ms(used[:, TOTAL], q)

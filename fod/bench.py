@@ -645,6 +645,7 @@ def _agent_lines(agent: Mapping[str, Any]) -> list[str]:
             triple(lat, "receive"),
         ],
         ["payload latency_ms.total ms p50/p95/p99", triple(lat, "total")],
+        ["NG verdicts in the latency run", _fmt(lat.get("ng_fraction"), 3)],
         [
             "stage means ms: capture wait / preprocess / inference / postprocess",
             " / ".join(_fmt(lat["stage_mean_ms"].get(k), 2) for k in STAGES),

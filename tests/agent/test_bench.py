@@ -16,6 +16,7 @@ import pytest
 
 from agent.bench import (
     CAPTURE_TS,
+    NG,
     RECV,
     SEQ,
     TOTAL,
@@ -85,6 +86,7 @@ def test_cli_quick_agent_against_mosquitto(
         assert ordered(latency, key)
     assert set(latency["stage_mean_ms"]) == {"capture", "preprocess", "inference", "postprocess", "total"}
     assert positive(latency["stage_mean_ms"]["inference"])
+    assert latency["ng_fraction"] == 0.0  # threshold above every pool score
 
     overload = agent["overload"]
     assert overload["source_factor"] == 2.0
@@ -154,16 +156,18 @@ def test_memory_replay_ends_or_signals() -> None:
 
 
 def test_statistics_of_rows() -> None:
-    rows = np.full((12, 9), np.nan)
+    rows = np.full((12, 10), np.nan)
     rows[:, CAPTURE_TS] = 1000.0 + np.arange(12) * 0.1  # 10 frames/s
     rows[:, RECV] = rows[:, CAPTURE_TS] + 0.005  # 5 ms capture -> receive
     rows[:, TOTAL] = 4.0
     rows[:, 3:7] = 1.0
+    rows[:, NG] = [1, 1] + [1] * 5 + [0] * 5  # 5 NG among the 10 rows after the 2 skipped
     stats = latency_stats(rows, skip=2)
     assert stats["received"] == 10
     assert stats["receive_p50_ms"] == pytest.approx(5.0, abs=1e-3)
     assert stats["total_p99_ms"] == 4.0
     assert stats["stage_mean_ms"]["inference"] == 1.0
+    assert stats["ng_fraction"] == 0.5
     rows[:, SEQ] = np.arange(12)
     assert scored_per_s(rows, skip=2) == pytest.approx(10.0)
     # a lost result (row 5 missing) does not change the rate: it is counted by seq
