@@ -117,7 +117,8 @@ class MemoryReplay:
         fps: frame rate of a live source, frames/s.
         limit: frames to deliver. A replay ends there (``read`` returns ``(False, None)``); a live
             source calls ``on_limit`` once and goes on (the benchmark stops the agent).
-        on_limit: called from the capture thread when the ``limit``-th frame is read.
+        on_limit: called from the capture thread when the frame after the ``limit``-th is read
+            (the capture thread has then handed over all ``limit`` frames).
     """
 
     def __init__(
@@ -152,7 +153,7 @@ class MemoryReplay:
         self.last_read = now
         self.last_id = self.count
         self.count += 1
-        if self.limit is not None and self.count == self.limit and self.on_limit is not None:
+        if self.limit is not None and self.count == self.limit + 1 and self.on_limit is not None:
             self.on_limit()
         return True, frame
 

@@ -16,6 +16,8 @@
 #   AGENT_PRECISION=fp16    precision the agent part runs (its engine must exist; else fp32 on ONNX Runtime)
 #   LONG_FRAMES=10000       frames of the agent's sustained run (memory after 100 vs after LONG_FRAMES frames)
 #   FRAMES=500              frames of the agent's latency and overload runs
+#   SOURCE=DIR              good images of the product for the agent's replay (recommended for a real
+#                           model; default: the synthetic conveyor, which a real model may call NG)
 #   CHECKPOINT=RUN_DIR      a `fod train` run folder: also time PyTorch eager (needs torch on the Jetson)
 #   BROKER=mqtt://host:port an MQTT broker to use (default: mosquitto started on a free loopback port;
 #                           `sudo apt install mosquitto` — without it the in-process amqtt broker is used)
@@ -28,7 +30,7 @@
 set -euo pipefail
 
 if [ $# -lt 1 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
-  sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
   exit 2
 fi
 PKG=$1
@@ -105,6 +107,7 @@ fi
 args=(bench --model "$PKG" --batch "$BATCH" --precision "$AGENT_PRECISION"
       --frames "$FRAMES" --long-frames "$LONG_FRAMES" --json "$OUT/bench.json")
 [ -n "${CHECKPOINT:-}" ] && args+=(--checkpoint "$CHECKPOINT")
+[ -n "${SOURCE:-}" ] && args+=(--source "$SOURCE")
 [ -n "${BROKER:-}" ] && args+=(--broker "$BROKER")
 echo "fod ${args[*]}"
 fod "${args[@]}" | tee "$OUT/bench.md"
