@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from fod import __version__
-from fod.errors import FodError, InputError
+from fod.errors import InputError
 from fod.package import VARIANT_FILES, ModelPackage
 from fod.runner import OnnxRuntimeRunner, Runner
 
@@ -435,9 +435,9 @@ def bench_models(
                 say(f"model: loading {candidate.label} ({candidate.model_file})")
                 _activate(candidate, package, threads)
                 active.append(candidate)
-            except (FodError, ImportError, RuntimeError, OSError) as exc:
-                if isinstance(exc, InputError):
-                    raise
+            except InputError:
+                raise
+            except Exception as exc:  # an optional backend that cannot load (engine mismatch, CUDA) is skipped
                 skipped.append({"backend": candidate.backend, "precision": candidate.precision, "reason": str(exc)})
                 log.warning("%s skipped: %s", candidate.label, exc)
         results: list[dict[str, Any]] = []

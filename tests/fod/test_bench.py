@@ -95,6 +95,18 @@ def test_quick_json_model_part(toy_package: Path, tmp_path: Path, capsys: pytest
     assert "onnxruntime int8 / onnxruntime fp32" in printed
 
 
+def test_variant_that_cannot_load_is_skipped(toy_package: Path, tmp_path: Path) -> None:
+    pkg_dir = tmp_path / "pkg"
+    shutil.copytree(toy_package, pkg_dir)
+    (pkg_dir / "model.fp16.onnx").write_bytes(b"not an onnx graph")
+    ModelPackage(pkg_dir).add_file("model.fp16.onnx")  # hash recorded: the package validates, ORT refuses it
+    rc, report = run_bench(tmp_path, "--model", str(pkg_dir), "--no-agent", "--repeats", "1", "--warmup", "0")
+    assert rc == 0
+    assert {r["precision"] for r in report["model"]["results"]} == {"fp32"}
+    reason = next(s["reason"] for s in report["model"]["skipped"] if s["precision"] == "fp16")
+    assert "model.fp16.onnx" in reason
+
+
 def test_pytorch_eager_and_ratio(tiny_run: Path, tiny_fod_package: Path, tmp_path: Path) -> None:
     rc, report = run_bench(
         tmp_path,
