@@ -753,7 +753,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--quick",
         action="store_true",
-        help=f"few repeats and frames ({QUICK}): seconds on a tiny model; indicative numbers only",
+        help="repeats {repeats}, warm-up {warmup}, frames {frames}, long frames {long_frames} (explicit options win): "
+        "seconds on a tiny model; indicative numbers only".format(**QUICK),
     )
     p.add_argument("--json", type=Path, metavar="OUT", help="write every number and the machine description here")
     p.set_defaults(run=run)
