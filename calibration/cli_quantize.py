@@ -93,7 +93,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="keep each branch's reconstruction head MatMul in FP32",
     )
-    p.add_argument("--conv-only", action="store_true", help="quantize only the backbone Convs; every MatMul stays FP32")
+    p.add_argument(
+        "--scope",
+        choices=["transformer", "all", "backbone"],
+        default="transformer",
+        help="INT8 nodes: the FOD levels' MatMuls (default), also the backbone Convs (all), or only the Convs",
+    )
     p.add_argument("--batch-size", type=int, default=4, help="images per inference call (default 4)")
     p.add_argument(
         "--bench-repeats",
@@ -155,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
                 calibrate_method=args.calibrate_method,
                 target=args.target,
                 keep_last_matmul=args.keep_last_matmul,
-                conv_only=args.conv_only,
+                scope=args.scope,
             )
             reader = ImageCalibrationDataReader(
                 calib_paths, pkg.image_size, batch_size=args.batch_size, augment=not args.no_synthetic_defects

@@ -228,9 +228,7 @@ class Int8Selection:
     excluded: dict[str, str]
 
 
-def select_int8_nodes(
-    model: onnx.ModelProto, *, keep_last_matmul: bool = False, conv_only: bool = False
-) -> Int8Selection:
+def select_int8_nodes(model: onnx.ModelProto, *, keep_last_matmul: bool = False, scope: str = "all") -> Int8Selection:
     """Choose the nodes to quantize (call :func:`name_nodes` first).
 
     Rules, in order (the first that applies excludes a node):
@@ -242,16 +240,21 @@ def select_int8_nodes(
     5. the output reaches a Softmax without another compute op between (attention logits with
        folded reference keys, the sigma projection of the RBF target);
     6. ``keep_last_matmul``: the last MatMul of each branch (the reconstruction head);
-    7. ``conv_only``: every MatMul / Gemm.
+    7. outside ``scope``: ``transformer`` keeps every Conv FP32, ``backbone`` every MatMul / Gemm.
 
     Args:
         model: the FP32 model with named nodes.
         keep_last_matmul: also keep rule 6 nodes in FP32.
-        conv_only: also keep rule 7 nodes in FP32.
+        scope: ``all``, ``transformer`` (MatMul / Gemm only) or ``backbone`` (Conv only).
+
+    Raises:
+        ValueError: unknown ``scope``.
 
     Returns:
         :class:`Int8Selection`.
     """
+    if scope not in ("all", "transformer", "backbone"):
+        raise ValueError(f"unknown INT8 scope {scope!r}; choose all, transformer or backbone")
     index = GraphIndex.build(model)
     tail = scoring_tail(index)
     last = last_matmuls(index) if keep_last_matmul else set()
@@ -273,8 +276,10 @@ def select_int8_nodes(
             excluded[node.name] = "output feeds a softmax (attention logits / RBF sigma)"
         elif i in last:
             excluded[node.name] = "last MatMul of its branch (reconstruction head)"
-        elif conv_only and node.op_type != "Conv":
-            excluded[node.name] = "conv_only: MatMul / Gemm kept FP32"
+        elif scope == "backbone" and node.op_type != "Conv":
+            excluded[node.name] = "scope backbone: MatMul / Gemm kept FP32"
+        elif scope == "transformer" and node.op_type == "Conv":
+            excluded[node.name] = "scope transformer: Conv kept FP32"
         else:
             quantize.append(node.name)
     return Int8Selection(quantize, excluded)

@@ -93,6 +93,7 @@ def test_quantize_int8_writes_variant_with_report_and_hash(toy_fod_package, mvte
     assert entry["gate"]["metrics"]["auroc_change"] == pytest.approx(0.0, abs=0.01)
     assert entry["gate"]["metrics"]["false_alarms_variant"] == 0
     assert entry["quantization"]["synthetic_defects"] is True
+    assert entry["quantization"]["settings"]["scope"] == "transformer"
     assert entry["latency"]["speedup"] > 0
     assert pkg.onnx_path("int8").is_file()
     assert not list(toy_fod_package.glob("*.candidate.onnx"))

@@ -23,7 +23,7 @@ SIZE = (64, 64)
 def test_int8_selection_keeps_attention_and_scoring_tail_in_fp32():
     model = make_toy_fod_model(SIZE)
     name_nodes(model)
-    sel = select_int8_nodes(model)
+    sel = select_int8_nodes(model, scope="all")
     assert set(sel.quantize) == {"Conv_4", "Conv_6", "proj", "head"}
     assert sel.excluded == {
         "attn_logits": "output feeds a softmax (attention logits / RBF sigma)",
@@ -31,12 +31,15 @@ def test_int8_selection_keeps_attention_and_scoring_tail_in_fp32():
         "sigma_proj": "output feeds a softmax (attention logits / RBF sigma)",
         "smoothing": "scoring tail (after the last MatMul)",
     }
-    keep_head = select_int8_nodes(model, keep_last_matmul=True)
+    keep_head = select_int8_nodes(model, keep_last_matmul=True, scope="all")
     assert "head" in keep_head.excluded
     assert "head" not in keep_head.quantize
-    conv_only = select_int8_nodes(model, conv_only=True)
-    assert set(conv_only.quantize) == {"Conv_4", "Conv_6"}
-    assert conv_only.excluded["proj"].startswith("conv_only")
+    backbone = select_int8_nodes(model, scope="backbone")
+    assert set(backbone.quantize) == {"Conv_4", "Conv_6"}
+    assert backbone.excluded["proj"].startswith("scope backbone")
+    transformer = select_int8_nodes(model, scope="transformer")
+    assert set(transformer.quantize) == {"proj", "head"}
+    assert transformer.excluded["Conv_4"].startswith("scope transformer")
 
 
 def test_fp16_block_list_covers_softmax_surroundings_and_tail():
@@ -59,7 +62,8 @@ def variants(toy_fod_package_src: Path, mvtec_root: Path, tmp_path_factory: pyte
     paths = {"fp32": fp32}
     for name, augment in (("int8", True), ("int8_good_only", False)):
         paths[name] = out / f"{name}.onnx"
-        quantize_int8(fp32, paths[name], ImageCalibrationDataReader(calib, SIZE, batch_size=4, augment=augment))
+        reader = ImageCalibrationDataReader(calib, SIZE, batch_size=4, augment=augment)
+        quantize_int8(fp32, paths[name], reader, Int8Settings(scope="all"))
     paths["fp16"] = out / "fp16.onnx"
     convert_fp16(fp32, paths["fp16"])
     return paths
@@ -113,7 +117,7 @@ def test_cpu_target_uses_uint8_activations(toy_fod_package_src, mvtec_root, tmp_
         toy_fod_package_src / "model.onnx",
         out,
         ImageCalibrationDataReader(calib, SIZE, batch_size=4),
-        Int8Settings(target="cpu", preprocess=False),
+        Int8Settings(target="cpu", preprocess=False, scope="all"),
     )
     assert info["settings"]["target"] == "cpu"
     assert info["quantized_nodes"] == 4
