@@ -39,7 +39,7 @@ class FODConfig:
     """
 
     backbone: str = "efficientnet_lite0"
-    image_size: int = 256
+    image_size: int = 128
     d_models: tuple[int, int] = (128, 256)
     heads: int = 8
     layers: int = 3

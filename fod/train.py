@@ -34,7 +34,7 @@ class TrainSettings:
         progress: show a tqdm progress bar with the loss terms.
     """
 
-    epochs: int = 4
+    epochs: int = 10
     batch_size: int = 4
     lr: float = 3e-4
     seed: int = 3407
@@ -119,7 +119,7 @@ def train_model(
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(
-                    epoch=epoch + 1, loss=f"{float(total):.3f}", rec0=f"{sums['l0_rec'] / (step + 1):.3f}",
+                    epoch=epoch + 1, loss=f"{float(total.detach()):.3f}", rec0=f"{sums['l0_rec'] / (step + 1):.3f}",
                     rec1=f"{sums['l1_rec'] / (step + 1):.3f}",
                 )
         means = {k: v / steps_per_epoch for k, v in sums.items()}

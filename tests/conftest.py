@@ -38,3 +38,29 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def mt_package(real_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A calibrated package trained by ``fod train`` on the real magnetic-tile images.
+
+    ``$FOD_MT_PACKAGE`` names an existing calibrated package (e.g. the full-size model of the
+    README); otherwise a small one is trained here through the CLI (96 px, 1 epoch: about a minute on
+    2 cores), exported and calibrated on ``test/good``.
+    """
+    from fod.cli import main
+    from fod.package import ModelPackage
+
+    if os.environ.get("FOD_MT_PACKAGE"):
+        path = Path(os.environ["FOD_MT_PACKAGE"])
+        if ModelPackage(path).manifest.calibration is None:
+            pytest.fail(f"$FOD_MT_PACKAGE={path} is not calibrated; run `fod calibrate --model {path} --normal ...`")
+        return path
+    data = real_data / "magnetic-tile"
+    work = tmp_path_factory.mktemp("mt_model")
+    run, pkg = work / "run", work / "pkg"
+    train = ["train", "--data", str(data), "--out", str(run), "--epochs", "1", "--image-size", "96", "--no-progress"]
+    assert main(train) == 0
+    assert main(["export", "--model", str(run), "--out", str(pkg)]) == 0
+    assert main(["calibrate", "--model", str(pkg), "--normal", str(data / "test" / "good")]) == 0
+    return pkg

@@ -4,15 +4,14 @@ Two levels:
 
 * the plumbing with the toy package (always, when the data is present): every file gives a result
   naming it, grayscale frames of any size are converted and scored, masks come at frame resolution;
-* a model trained by ``fod train`` and calibrated by ``fod calibrate`` (``$FOD_MT_PACKAGE``, default
-  ``../runs/mt/pkg`` beside the repository; skipped when absent): a folder replay and a video made from
-  the same images; defects must score higher than good tiles on average, in both.
+* a model trained by ``fod train`` on magnetic-tile and calibrated by ``fod calibrate`` (fixture
+  ``mt_package``; ``$FOD_MT_PACKAGE`` picks an existing one): a folder replay and a video made from the
+  same images; defects must score higher than good tiles on average, in both.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -87,15 +86,6 @@ def test_real_images_with_the_toy_package(
         assert mask.shape == image.shape[:2]  # frame resolution, whatever the tile's size
 
 
-def trained_package() -> Path:
-    path = Path(os.environ.get("FOD_MT_PACKAGE", REPO.parent / "runs" / "mt" / "pkg"))
-    if not (path / "manifest.json").is_file():
-        pytest.skip(f"no trained magnetic-tile package at {path}; train one (fod train / export / calibrate)")
-    if ModelPackage(path).manifest.calibration is None:
-        pytest.skip(f"{path} is not calibrated; run `fod calibrate --model {path} --normal ...`")
-    return path
-
-
 def mean_scores(results: list[dict[str, Any]], label_of: Callable[[Any], str]) -> tuple[float, float]:
     good = [r["normalized_score"] for r in results if label_of(r["source_frame"]) == "good"]
     bad = [r["normalized_score"] for r in results if label_of(r["source_frame"]) != "good"]
@@ -104,9 +94,9 @@ def mean_scores(results: list[dict[str, Any]], label_of: Callable[[Any], str]) -
 
 def test_real_images_with_a_trained_model_as_folder_and_video(
     tmp_path: Path, real_data: Path, mosquitto: Mosquitto, topic_root: str,
-    subscriber: Callable[..., Subscriber],
+    subscriber: Callable[..., Subscriber], mt_package: Path,
 ) -> None:  # fmt: skip
-    package = trained_package()
+    package = mt_package
     labels = pick_images(real_data, tmp_path / "imgs", 10, 2)
     names = sorted(labels)
     threshold = ModelPackage(package).manifest.calibration.image_threshold  # type: ignore[union-attr]
