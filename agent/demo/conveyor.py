@@ -708,7 +708,7 @@ def _draw_defect(rng: np.random.Generator, sprite: _Sprite, kind: DefectKind, s:
     if kind == "scratch":
         x, y = _inside_point(rng, mask, s * 0.15)
         angle = float(rng.uniform(0, np.pi))
-        length = s * float(rng.uniform(0.3, 0.55))
+        length = s * float(rng.uniform(0.35, 0.6))
         steps = 6
         points = []
         for k in range(steps + 1):
@@ -721,15 +721,15 @@ def _draw_defect(rng: np.random.Generator, sprite: _Sprite, kind: DefectKind, s:
                 ]
             )
         poly = np.array(points, np.int32).reshape(-1, 1, 2)
-        thick = max(2, int(s * 0.012))
+        thick = max(3, int(s * 0.024))
         layer = image.copy()
-        cv2.polylines(layer, [poly], False, (25, 25, 25), thick + 2, cv2.LINE_AA)
+        cv2.polylines(layer, [poly], False, (25, 25, 25), thick + 4, cv2.LINE_AA)
         bright = int(rng.uniform(215, 250))
         cv2.polylines(layer, [poly], False, (bright, bright, bright), thick, cv2.LINE_AA)
         inside = mask > 0
         image[inside] = layer[inside]
     elif kind == "hole":
-        radius = s * float(rng.uniform(0.05, 0.085))
+        radius = s * float(rng.uniform(0.065, 0.1))
         x, y = _inside_point(rng, mask, radius + 6)
         r = max(3, int(radius))
         cv2.circle(image, (x, y), r + 3, (40, 40, 40), -1, cv2.LINE_AA)
@@ -739,9 +739,9 @@ def _draw_defect(rng: np.random.Generator, sprite: _Sprite, kind: DefectKind, s:
         alpha = np.zeros((canvas, canvas), np.float32)
         for _ in range(int(rng.integers(3, 7))):
             ox, oy = rng.normal(0, s * 0.05, 2)
-            axes = (max(3, int(s * rng.uniform(0.04, 0.11))), max(3, int(s * rng.uniform(0.03, 0.08))))
+            axes = (max(3, int(s * rng.uniform(0.06, 0.13))), max(3, int(s * rng.uniform(0.045, 0.1))))
             cv2.ellipse(alpha, (int(x + ox), int(y + oy)), axes, float(rng.uniform(0, 180)), 0, 360, 1.0, -1)
-        alpha = cv2.GaussianBlur(alpha, (0, 0), max(1.5, s * 0.015)) * float(rng.uniform(0.6, 0.85))
+        alpha = cv2.GaussianBlur(alpha, (0, 0), max(1.5, s * 0.015)) * float(rng.uniform(0.7, 0.9))
         alpha *= (mask > 0).astype(np.float32)
         colour = np.array([[20, 40, 60], [15, 15, 15], [10, 50, 45]], np.float32)[int(rng.integers(3))]
         mixed = image.astype(np.float32) * (1 - alpha[:, :, None]) + colour[None, None, :] * alpha[:, :, None]
@@ -755,8 +755,9 @@ def _draw_defect(rng: np.random.Generator, sprite: _Sprite, kind: DefectKind, s:
             if not (0 <= px < canvas and 0 <= py < canvas) or mask[py, px] == 0:
                 break
             edge_r = float(r)
-        bx, by = cx + edge_r * np.cos(angle), cy + edge_r * np.sin(angle)
-        radius = s * float(rng.uniform(0.1, 0.16))
+        radius = s * float(rng.uniform(0.16, 0.22))
+        # centre the break a little inside the edge, so a good bite is missing
+        bx, by = cx + (edge_r - 0.3 * radius) * np.cos(angle), cy + (edge_r - 0.3 * radius) * np.sin(angle)
         corners = int(rng.integers(6, 10))
         angles = np.sort(rng.uniform(0, 2 * np.pi, corners))
         radii = radius * rng.uniform(0.6, 1.2, corners)
@@ -765,5 +766,5 @@ def _draw_defect(rng: np.random.Generator, sprite: _Sprite, kind: DefectKind, s:
         # the fresh fracture is darker just inside the break
         piece = np.zeros_like(mask)
         cv2.fillPoly(piece, [poly.reshape(-1, 1, 2)], 255)
-        edge = (cv2.dilate(piece, np.ones((5, 5), np.uint8)) > 0) & (mask > 0)
-        image[edge] = (image[edge].astype(np.float32) * 0.6).astype(np.uint8)
+        edge = (cv2.dilate(piece, np.ones((7, 7), np.uint8)) > 0) & (mask > 0)
+        image[edge] = (image[edge].astype(np.float32) * 0.5).astype(np.uint8)

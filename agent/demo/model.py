@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 #: bump when anything below changes what the demo package contains; a cached package with another
 #: recipe is rebuilt
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 
 class DemoModelError(AgentError):
@@ -68,6 +68,8 @@ class DemoRecipe:
         calib_good: held-out good frames for the threshold.
         calib_defect: frames with a defect fully inside the ROI, for recall in the report.
         target_far: false-alarm rate the threshold aims at, per frame.
+        margin_k: margin of ``fod calibrate``'s fallback rule (max good score + K robust sigmas),
+            which applies while the held-out set is too small to show ``target_far``.
         seed: conveyor seed of the training frames (held-out sets use other seeds).
     """
 
@@ -81,9 +83,10 @@ class DemoRecipe:
     image_size: int = 128
     train_images: int = 100
     epochs: int = 4
-    calib_good: int = 40
-    calib_defect: int = 24
+    calib_good: int = 100
+    calib_defect: int = 40
     target_far: float = 0.01
+    margin_k: float = 0.5
     seed: int = 2024
 
     def key(self) -> str:
@@ -351,6 +354,7 @@ def _calibrate(pkg_dir: Path, recipe: DemoRecipe, work: Path, *, progress: bool)
         bad_paths,
         defect_types=kinds,
         target_far=recipe.target_far,
+        margin_k=recipe.margin_k,
         min_images=min(30, recipe.calib_good),
         sources={"normal_source": "synthetic conveyor (held-out good)", "defect_source": "synthetic conveyor"},
     )
