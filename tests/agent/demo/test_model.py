@@ -1,0 +1,53 @@
+"""The demo model cache: a valid, calibrated package of the current recipe is reused, anything else is not."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from agent.demo.model import DEMO_RECIPE, DemoRecipe, cached_package, describe_quality
+from fod.package import Calibration, ModelPackage
+
+
+def _cached_copy(toy_package, root, *, calibrated=True, key=None):
+    pkg = root / "pkg"
+    shutil.copytree(toy_package, pkg)
+    if calibrated:
+        package = ModelPackage(pkg)
+        package.manifest.calibration = Calibration(
+            image_threshold=0.5, pixel_threshold=0.4, norm_min=0.1, norm_max=0.9,
+            method="test", target_far=0.01, n_normal=30,
+        )
+        package.save()
+    (pkg / "demo.json").write_text(json.dumps({"recipe_key": key or DEMO_RECIPE.key()}))
+    return pkg
+
+
+def test_a_valid_package_of_this_recipe_is_reused(toy_package, tmp_path):
+    pkg = _cached_copy(toy_package, tmp_path)
+    assert cached_package(DEMO_RECIPE, tmp_path) == pkg
+
+
+def test_another_recipe_is_rebuilt(toy_package, tmp_path):
+    _cached_copy(toy_package, tmp_path)
+    other = DemoRecipe(epochs=DEMO_RECIPE.epochs + 1)
+    assert other.key() != DEMO_RECIPE.key()
+    assert cached_package(other, tmp_path) is None
+
+
+def test_a_corrupt_or_uncalibrated_package_is_rebuilt(toy_package, tmp_path):
+    pkg = _cached_copy(toy_package, tmp_path / "a")
+    with open(pkg / "model.onnx", "ab") as handle:
+        handle.write(b"\0")  # sha256 no longer matches the manifest
+    assert cached_package(DEMO_RECIPE, tmp_path / "a") is None
+    _cached_copy(toy_package, tmp_path / "b", calibrated=False)
+    assert cached_package(DEMO_RECIPE, tmp_path / "b") is None
+
+
+def test_describe_quality_names_auroc_and_recall():
+    text = describe_quality(
+        {"image_threshold": 0.83, "n_normal": 100,
+         "labelled": {"n_defect": 40, "image_auroc": 0.976, "recall": 0.45, "far": 0.0}}
+    )
+    assert "threshold 0.83 on 100 good frames" in text
+    assert "image AUROC 0.976, recall 0.45 at a false-alarm rate of 0.00" in text
