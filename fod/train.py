@@ -160,8 +160,8 @@ def train_run(
 
     folder = train_folder(data)
     paths = list_images(folder)
-    log.info("reading %d good images from %s", len(paths), folder)
     images = load_images(paths, (config.image_size, config.image_size))
+    log.info("read %d good images from %s", len(paths), folder)
     model, record = train_model(images, config, settings)
     record["data"] = fingerprint(paths, folder).model_dump()
     path = save_checkpoint(out, model, record)

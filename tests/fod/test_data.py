@@ -107,7 +107,7 @@ def test_load_images_unreadable_file_is_named(tmp_path: Path, content: bytes) ->
     bad.write_bytes(content)
     with pytest.raises(DataError, match=r"broken\.png") as info:
         load_images([good, bad], (8, 8))
-    assert "remove the file or replace it" in str(info.value)
+    assert "replace or remove it" in str(info.value)
 
 
 def test_load_images_missing_file_is_named(tmp_path: Path) -> None:
