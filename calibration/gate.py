@@ -192,8 +192,8 @@ def run_gate(
             "nonfinite_scores": bad_scores,
         }
     )
+    an = np.concatenate(s_noise) if s_noise else a32
     if noise_floor and s_noise:
-        an = np.concatenate(s_noise)
         n_pearson, n_spearman = _correlations(a32, an)
         m["fp32_noise_floor"] = {
             "score_pearson": n_pearson,
@@ -226,6 +226,8 @@ def run_gate(
         auc32 = float(roc_auc_score(labels, a32))
         aucv = float(roc_auc_score(labels, av))
         m.update({"auroc_fp32": auc32, "auroc_variant": aucv, "auroc_change": aucv - auc32})
+        if "fp32_noise_floor" in m:
+            m["fp32_noise_floor"]["auroc_change"] = float(roc_auc_score(labels, an)) - auc32
         check(
             auc32 - aucv <= criteria.max_auroc_drop,
             f"AUROC {aucv:.4f} vs FP32 {auc32:.4f}: drop {auc32 - aucv:.4f} > {criteria.max_auroc_drop}",

@@ -186,6 +186,7 @@ def format_gate_report(precision: str, entry: dict[str, Any]) -> str:
         lines.append(
             f"noise floor       : FP32 vs FP32 on +-1 grey level noise: Pearson {_fmt(nf.get('score_pearson'), 5)}, "
             f"Spearman {_fmt(nf.get('score_spearman'), 5)}, mean map error {_pct(nf.get('map_mean_error'))}"
+            + (f", AUROC change {nf['auroc_change']:+.4f}" if nf.get("auroc_change") is not None else "")
         )
     if "auroc_fp32" in m:
         lines.append(

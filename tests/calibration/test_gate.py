@@ -72,6 +72,7 @@ def test_identical_variant_passes_every_check(toy_fod_package_src, images):
     assert report.skipped == []
     # the toy's scores move under +-1 grey level, but far less than the variants below
     assert 0.9 < m["fp32_noise_floor"]["score_pearson"] < 1.0
+    assert abs(m["fp32_noise_floor"]["auroc_change"]) <= 0.05
 
 
 def test_scaled_scores_keep_correlation_but_break_maps_and_threshold(toy_fod_package_src, images, tmp_path):
