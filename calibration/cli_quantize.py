@@ -214,6 +214,8 @@ def run(args: argparse.Namespace) -> int:
             old = pkg.manifest.variants.get(precision, {})
             log.warning("replacing %s (previous one from %s)", pkg.root / name, old.get("created_utc", "?"))
         candidate.replace(pkg.root / name)
+        if "latency" in entry:
+            entry["latency"][precision]["onnx"] = str(pkg.root / name)
         pkg.manifest.variants[precision] = entry
         pkg.add_file(name)  # records the sha256 and saves the manifest
         log.info("wrote %s and its report into %s", pkg.root / name, pkg.root / "manifest.json")
