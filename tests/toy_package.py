@@ -56,17 +56,15 @@ def make_toy_onnx(path: Path, opset: int = 18) -> None:
     onnx.save(model, str(path))
 
 
-def make_toy_package(root: Path, image_size: tuple[int, int] = (64, 64)) -> Path:
-    """Create a complete, valid model package with the toy graph in ``root``; return ``root``."""
-    root.mkdir(parents=True, exist_ok=True)
-    make_toy_onnx(root / "model.onnx")
+def write_package_manifest(root: Path, image_size: tuple[int, int], *, model_name: str, backbone: str) -> None:
+    """Write a valid ``manifest.json`` for ``root/model.onnx`` with the real graph contract."""
     h, w = image_size
     manifest = Manifest(
         schema_version=SCHEMA_VERSION,
-        model_name="toy",
+        model_name=model_name,
         created_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(),
         image_size=(h, w),
-        backbone="none",
+        backbone=backbone,
         input=InputSpec(name="image", dtype="uint8", shape=["N", h, w, 3]),
         outputs=[
             TensorSpec(name="anomaly_map", dtype="float32", shape=["N", 1, h, w]),
@@ -78,4 +76,11 @@ def make_toy_package(root: Path, image_size: tuple[int, int] = (64, 64)) -> Path
         export={"opset": 18, "tool": "onnx.helper"},
     )
     write_manifest(root, manifest)
+
+
+def make_toy_package(root: Path, image_size: tuple[int, int] = (64, 64)) -> Path:
+    """Create a complete, valid model package with the toy graph in ``root``; return ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
+    make_toy_onnx(root / "model.onnx")
+    write_package_manifest(root, image_size, model_name="toy", backbone="none")
     return root

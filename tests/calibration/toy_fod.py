@@ -20,7 +20,6 @@ Built with ``onnx.helper`` + numpy (no torch export: the exporter takes seconds,
 
 from __future__ import annotations
 
-import datetime
 from pathlib import Path
 
 import cv2
@@ -28,15 +27,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from fod.package import (
-    SCHEMA_VERSION,
-    DataFingerprint,
-    InputSpec,
-    Manifest,
-    TensorSpec,
-    sha256_file,
-    write_manifest,
-)
+from tests.toy_package import write_package_manifest
 
 
 def _conv_np(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int) -> np.ndarray:
@@ -178,24 +169,7 @@ def make_toy_fod_package(root: Path, image_size: tuple[int, int] = (64, 64)) -> 
     """Write a valid model package with the toy FOD graph into ``root``; return ``root``."""
     root.mkdir(parents=True, exist_ok=True)
     onnx.save(make_toy_fod_model(image_size), str(root / "model.onnx"))
-    h, w = image_size
-    manifest = Manifest(
-        schema_version=SCHEMA_VERSION,
-        model_name="toy_fod",
-        created_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        image_size=(h, w),
-        backbone="toy",
-        input=InputSpec(name="image", dtype="uint8", shape=["N", h, w, 3]),
-        outputs=[
-            TensorSpec(name="anomaly_map", dtype="float32", shape=["N", 1, h, w]),
-            TensorSpec(name="score", dtype="float32", shape=["N"]),
-        ],
-        files={"model.onnx": sha256_file(root / "model.onnx")},
-        checkpoint_sha256="0" * 64,
-        training_data=DataFingerprint(count=0, sha256="0" * 64, root="synthetic"),
-        export={"opset": 18, "tool": "onnx.helper"},
-    )
-    write_manifest(root, manifest)
+    write_package_manifest(root, image_size, model_name="toy_fod", backbone="toy")
     return root
 
 
