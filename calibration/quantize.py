@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import onnx
 
 from calibration.errors import QuantizationError
@@ -241,9 +240,11 @@ def compare_latency(
     intra_op_threads: int | None = None,
     providers: list[str] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Latency of several ONNX files, measured interleaved so that load on a shared CPU hits all alike.
+    """Latency of several ONNX files on ONNX Runtime, timed interleaved by :func:`fod.bench.time_runners`.
 
-    Every round runs each model once on the same random ``[batch, H, W, 3]`` uint8 batch.
+    Every round runs each model once on the same random ``[batch, H, W, 3]`` uint8 batch
+    (:func:`fod.bench.random_images`), so that load on a shared CPU hits all models alike; this is
+    the same timing loop as ``fod bench``.
 
     Args:
         onnx_paths: label (e.g. ``fp32``) -> ONNX file.
@@ -255,49 +256,32 @@ def compare_latency(
         providers: ORT execution providers; None = best available.
 
     Returns:
-        label -> ``{onnx, batch, repeats, provider, mean_ms, p50_ms, p90_ms, min_ms, per_image_ms,
-        images_per_s}`` (ms per call; ``per_image_ms`` = p50 / batch).
+        label -> ``{onnx, provider}`` plus the fields of :class:`fod.bench.Timing` (``batch, calls,
+        p50_ms, p95_ms, mean_ms, min_ms, max_ms, per_frame_ms, frames_per_s``; ms per call,
+        ``per_frame_ms`` = p50 / batch).
+
+    Raises:
+        fod.errors.InputError: ``repeats < 1``.
+        fod.errors.FodError: a model cannot be loaded or run (named by the runner).
     """
+    from contextlib import ExitStack
+
+    from fod.bench import random_images, time_runners
     from fod.runner import OnnxRuntimeRunner
 
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, size=(batch, image_size[0], image_size[1], 3), dtype=np.uint8)
+    images = random_images(batch, image_size)
     runners = {
         k: OnnxRuntimeRunner(p, image_size, providers=providers, intra_op_threads=intra_op_threads)
         for k, p in onnx_paths.items()
     }
-    times: dict[str, list[float]] = {k: [] for k in runners}
-    try:
+    with ExitStack() as stack:
         for r in runners.values():
-            r.activate()
-        for _ in range(max(0, warmup)):
-            for r in runners.values():
-                r.infer(images)
-        for _ in range(max(1, repeats)):
-            for k, r in runners.items():
-                t0 = time.perf_counter()
-                r.infer(images)
-                times[k].append((time.perf_counter() - t0) * 1e3)
-        out: dict[str, dict[str, Any]] = {}
-        for k, r in runners.items():
-            t = np.asarray(times[k])
-            p50 = float(np.median(t))
-            out[k] = {
-                "onnx": str(onnx_paths[k]),
-                "batch": batch,
-                "repeats": len(t),
-                "provider": (r.active_providers or ["?"])[0],
-                "mean_ms": round(float(t.mean()), 3),
-                "p50_ms": round(p50, 3),
-                "p90_ms": round(float(np.percentile(t, 90)), 3),
-                "min_ms": round(float(t.min()), 3),
-                "per_image_ms": round(p50 / batch, 3),
-                "images_per_s": round(1e3 * batch / p50, 2),
-            }
-        return out
-    finally:
-        for r in runners.values():
-            r.deactivate()
+            stack.enter_context(r)
+        timings = time_runners(runners, images, repeats=repeats, warmup=warmup)
+        return {
+            k: {"onnx": str(onnx_paths[k]), "provider": (r.active_providers or ["?"])[0], **asdict(timings[k])}
+            for k, r in runners.items()
+        }
 
 
 def measure_latency(
@@ -312,6 +296,6 @@ def measure_latency(
         repeats: timed calls.
 
     Returns:
-        ``{onnx, batch, repeats, provider, mean_ms, p50_ms, p90_ms, min_ms, per_image_ms, images_per_s}``.
+        ``{onnx, provider, batch, calls, p50_ms, p95_ms, mean_ms, min_ms, max_ms, per_frame_ms, frames_per_s}``.
     """
     return compare_latency({"model": Path(onnx_path)}, image_size, batch, repeats)["model"]
