@@ -211,7 +211,7 @@ def format_gate_report(precision: str, entry: dict[str, Any]) -> str:
         lines.append(
             f"ORT CPU latency   : FP32 {_fmt(f32.get('p50_ms'))} ms, {precision} "
             f"{_fmt(var.get('p50_ms'))} ms "
-            f"per call (batch {f32.get('batch')}, p50 of {f32.get('repeats')}); speed-up "
+            f"per call (batch {f32.get('batch')}, p50 of {f32.get('calls')}); speed-up "
             f"x{_fmt(lat.get('speedup'), 3)}"
         )
     q = entry.get("quantization", {})

@@ -87,6 +87,7 @@ def test_quantize_int8_writes_variant_with_report_and_hash(toy_fod_package, mvte
     out = capsys.readouterr().out
     assert "accuracy gate     : PASSED" in out
     assert "noise floor       : FP32 vs FP32 on +-1 grey level noise" in out
+    assert "(batch 1, p50 of 2)" in out
     pkg = ModelPackage(toy_fod_package)  # verifies the new file's sha256
     entry = pkg.manifest.variants["int8"]
     assert entry["passed"] is True
