@@ -20,8 +20,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--epochs", type=int, default=10, help="passes over the images (default 10)")
     p.add_argument("--backbone", default="efficientnet_lite0", choices=BACKBONE_NAMES)
     p.add_argument("--image-size", type=int, default=128, help="square model input in px, multiple of 16 (default 128)")
-    p.add_argument("--batch-size", type=int, default=4, help="images per step (default 4)")
-    p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (default 3e-4)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="images per step (default 1, the reference's; larger is faster per epoch but learns less)")
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4, the reference's)")
     p.add_argument("--seed", type=int, default=3407)
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--d-models", type=int, nargs=2, default=(128, 256), metavar=("D8", "D16"),

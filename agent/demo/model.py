@@ -281,7 +281,7 @@ def _train(
             "update fod-agent, or pass --model PKG_DIR"
         ) from exc
     config = FODConfig(image_size=recipe.image_size)
-    settings = TrainSettings(epochs=recipe.epochs, batch_size=4, seed=recipe.seed, progress=progress)
+    settings = TrainSettings(epochs=recipe.epochs, batch_size=4, lr=3e-4, seed=recipe.seed, progress=progress)
     say(f"demo model: training ({recipe.epochs} epochs)")
     model, record = train_model(images, config, settings)
     digest = hashlib.sha256()

@@ -29,7 +29,9 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     images = synthetic_good_images(8, 64)
     model, record = train_model(
-        images, FODConfig(image_size=64, d_models=(32, 32)), TrainSettings(epochs=1, batch_size=4, progress=False)
+        images,
+        FODConfig(image_size=64, d_models=(32, 32)),
+        TrainSettings(epochs=1, batch_size=4, lr=3e-4, progress=False),
     )
     record["data"] = {"count": 8, "sha256": "0" * 64, "root": "synthetic"}
     run = tmp_path_factory.mktemp("tiny_run")
