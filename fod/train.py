@@ -29,7 +29,7 @@ class TrainSettings:
         epochs: passes over the training images.
         batch_size: images per step (the loss is per image, so any size is valid). 1, the reference's
             schedule (fod-method.md section 3.3): on magnetic-tile at 128 px, 10 epochs at batch 1 and
-            lr 1e-4 gave image AUROC 0.773 against 0.735 at batch 4 and lr 3e-4 (docs/results.md).
+            lr 1e-4 gave image AUROC 0.786 against 0.735 at batch 4 and lr 3e-4 (docs/results.md).
         lr: Adam learning rate (1e-4, the reference's).
         seed: RNG seed (3407 as in the reference).
         device: torch device; None picks CUDA when available.
