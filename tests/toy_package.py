@@ -8,6 +8,7 @@ frame therefore score high, a uniform grey frame scores 0. Built with ``onnx.hel
 from __future__ import annotations
 
 import datetime
+import shutil
 from pathlib import Path
 
 import onnx
@@ -15,9 +16,11 @@ from onnx import TensorProto, helper
 
 from fod.package import (
     SCHEMA_VERSION,
+    Calibration,
     DataFingerprint,
     InputSpec,
     Manifest,
+    ModelPackage,
     TensorSpec,
     sha256_file,
     write_manifest,
@@ -84,3 +87,20 @@ def make_toy_package(root: Path, image_size: tuple[int, int] = (64, 64)) -> Path
     make_toy_onnx(root / "model.onnx")
     write_package_manifest(root, image_size, model_name="toy", backbone="none")
     return root
+
+
+def calibrated_copy(package: Path, dest: Path, threshold: float = 0.3) -> Path:
+    """Copy ``package`` to ``dest`` and write a calibration with image threshold ``threshold``; return ``dest``."""
+    shutil.copytree(package, dest)
+    copy = ModelPackage(dest)
+    copy.manifest.calibration = Calibration(
+        image_threshold=threshold,
+        pixel_threshold=threshold / 2,
+        norm_min=0.0,
+        norm_max=1.0,
+        method="test",
+        target_far=0.001,
+        n_normal=100,
+    )
+    copy.save()
+    return dest

@@ -11,23 +11,8 @@ import pytest
 from agent.backends import effective_calibration, load_model, split_model_path, tensorrt_status
 from agent.config import ModelConfig
 from agent.errors import BackendError, ConfigError
-from fod.package import Calibration, ModelPackage
-
-
-def calibrated_copy(toy_package: Path, dest: Path, threshold: float = 0.3) -> Path:
-    shutil.copytree(toy_package, dest)
-    package = ModelPackage(dest)
-    package.manifest.calibration = Calibration(
-        image_threshold=threshold,
-        pixel_threshold=threshold / 2,
-        norm_min=0.0,
-        norm_max=1.0,
-        method="test",
-        target_far=0.001,
-        n_normal=100,
-    )
-    package.save()
-    return dest
+from fod.package import ModelPackage
+from tests.toy_package import calibrated_copy
 
 
 def test_auto_picks_onnxruntime_without_tensorrt_and_says_why(toy_package: Path) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +30,9 @@ from agent.bench import (
 )
 from agent.demo.broker import probe_mqtt
 from fod.cli import main
-from fod.package import Calibration, ModelPackage
 from tests.agent.conftest import Mosquitto
 from tests.conftest import free_port
+from tests.toy_package import calibrated_copy
 
 LONG, FRAMES = 150, 30
 
@@ -118,19 +117,7 @@ def test_cli_quick_agent_against_mosquitto(
 
 
 def test_calibrated_package_uses_its_threshold(toy_package: Path, mosquitto: Mosquitto, tmp_path: Path) -> None:
-    pkg = tmp_path / "calibrated"
-    shutil.copytree(toy_package, pkg)
-    package = ModelPackage(pkg)
-    package.manifest.calibration = Calibration(
-        image_threshold=0.05,  # far below the conveyor frames' toy scores: NG verdicts
-        pixel_threshold=0.05,
-        norm_min=0.0,
-        norm_max=0.1,
-        method="test",
-        target_far=0.001,
-        n_normal=10,
-    )
-    package.save()
+    pkg = calibrated_copy(toy_package, tmp_path / "calibrated", threshold=0.05)  # NG verdicts on the conveyor
     settings = AgentBenchSettings(frames=10, long_frames=40, broker=f"mqtt://{mosquitto.host}:{mosquitto.port}")
     report = bench_agent(pkg, settings)
     assert report["threshold"] == {"from_package": True, "image_threshold": 0.05}
