@@ -450,9 +450,8 @@ class _Bench:
         s = self.settings
         n = s.long_frames
         samples: list[tuple[int, float | None]] = []
-        marks = {min(s.first_frames, n)} | {max(1, round(n * k / 10)) for k in range(1, 11)}
-
         tenth = {max(1, round(n * k / 10)) for k in range(1, 10)}
+        marks = {min(s.first_frames, n), n} | tenth
 
         def on_count(count: int) -> None:
             if count in marks:

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -387,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pkg = ensure_demo_package(root=root)
     except AgentError as exc:
-        print(f"demo model: error: {exc}")
+        print(f"demo model: error: {exc}", file=sys.stderr)
         return 1
     summary = json.loads((pkg / "demo.json").read_text()).get("calibration", {})
     print(f"demo model: {pkg}: {describe_quality(summary)}")
