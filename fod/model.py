@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fod.backbone import FeatureExtractor
+from fod.backbone import STRIDES, FeatureExtractor
+from fod.errors import CheckpointError
 
 EPS_KL = 1e-4  # fod-method.md section 3.1
 
@@ -29,38 +30,111 @@ class FODConfig:
 
     Attributes:
         backbone: feature extractor name (``fod.backbone.BACKBONES``).
-        image_size: square input size in px.
-        d_models: transformer width per level (stride 8, stride 16).
+        image_size: square input size in px (a multiple of the coarsest stride in ``levels``).
+        levels: backbone strides that feed each FOD level. ``((8,), (16,))`` is the reference's two
+            levels (WRN50 ``layer2`` / ``layer3``, fod-method.md section 1); a level with several strides,
+            e.g. ``((16, 32),)``, reads their maps concatenated on the grid of its finest stride (the
+            coarser maps bilinearly upsampled, as PatchCore combines layers).
+        d_models: transformer width per level (one per entry of ``levels``).
         heads: attention heads (8 in the reference).
         layers: encoder layers per level (3 in the reference).
         ffn_mult: FFN hidden size = ffn_mult * d.
         lambda1, lambda2: loss weights of the KL and entropy terms (0.5, 0.5 in the reference).
         smooth_sigma: Gaussian sigma of the anomaly map in px (4 in the reference).
+        level_norm: per level ``(mean, std)`` of its upsampled patch-score map on held-out good
+            images, or None. When set, the levels are fused as ``mean_l relu((m_l - mean_l) / std_l)``
+            (each level on the scale of its own good-image spread, so no level dominates because its
+            values are larger); when None, as the reference's plain average. Folded into the exported
+            graph as constants.
     """
 
     backbone: str = "efficientnet_lite0"
     image_size: int = 128
-    d_models: tuple[int, int] = (128, 256)
+    levels: tuple[tuple[int, ...], ...] = ((8,), (16,))
+    d_models: tuple[int, ...] = (128, 256)
     heads: int = 8
     layers: int = 3
     ffn_mult: int = 4
     lambda1: float = 0.5
     lambda2: float = 0.5
     smooth_sigma: float = 4.0
+    level_norm: tuple[tuple[float, float], ...] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable dict."""
         d = asdict(self)
         d["d_models"] = list(self.d_models)
+        d["levels"] = [list(level) for level in self.levels]
+        d["level_norm"] = None if self.level_norm is None else [list(n) for n in self.level_norm]
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FODConfig:
-        """Inverse of :meth:`to_dict` (unknown keys raise TypeError)."""
+        """Inverse of :meth:`to_dict` (unknown keys raise TypeError). Configs saved before ``levels``
+        and ``level_norm`` existed load as the reference's stride-8/16 pair with a plain average.
+        """
         d = dict(d)
         d["d_models"] = tuple(d["d_models"])
+        if "levels" in d:
+            d["levels"] = tuple(tuple(int(s) for s in level) for level in d["levels"])
+        if d.get("level_norm") is not None:
+            d["level_norm"] = tuple((float(a), float(b)) for a, b in d["level_norm"])
         return cls(**d)
+
+    @property
+    def strides(self) -> tuple[int, ...]:
+        """Backbone strides read by any level, ascending."""
+        return tuple(sorted({s for level in self.levels for s in level}))
+
+    def validate(self) -> None:
+        """Check ``levels``, ``d_models``, ``image_size`` and ``level_norm`` against each other.
+
+        Raises:
+            CheckpointError: naming the option and the allowed values.
+        """
+        if not self.levels or any(not level for level in self.levels):
+            raise CheckpointError(f"levels {self.levels}: give at least one level of strides, e.g. 8,16 or 16+32")
+        bad = sorted({s for level in self.levels for s in level if s not in STRIDES})
+        if bad:
+            raise CheckpointError(f"levels: stride(s) {bad} are not backbone stages; choose from {list(STRIDES)}")
+        if len(self.d_models) != len(self.levels):
+            raise CheckpointError(
+                f"d_models {list(self.d_models)}: give one width per level ({len(self.levels)} levels)"
+            )
+        coarsest = max(self.strides)
+        if self.image_size < 2 * coarsest or self.image_size % coarsest:
+            raise CheckpointError(
+                f"image size {self.image_size} px: must be a multiple of the coarsest stride {coarsest} "
+                f"(and at least {2 * coarsest}), e.g. {max(2 * coarsest, round(self.image_size / coarsest) * coarsest)}"
+            )
+        if any(d % self.heads or d % 4 for d in self.d_models):
+            raise CheckpointError(
+                f"d_models {list(self.d_models)}: each must be a multiple of heads ({self.heads}) and of 4"
+            )
+        if self.level_norm is not None:
+            if len(self.level_norm) != len(self.levels) or any(
+                not (math.isfinite(m) and math.isfinite(sd) and sd > 0) for m, sd in self.level_norm
+            ):
+                raise CheckpointError(f"level_norm {self.level_norm}: need one finite (mean, std > 0) per level")
+
+
+def parse_levels(text: str) -> tuple[tuple[int, ...], ...]:
+    """Parse the CLI form of :attr:`FODConfig.levels`: ``"8,16"`` (two levels) or ``"16+32"`` (one
+    level reading both strides) or ``"8,16+32"``.
+
+    Raises:
+        ValueError: not of that form (the message lists the allowed strides).
+    """
+    try:
+        levels = tuple(tuple(sorted({int(s) for s in part.split("+")})) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"{text!r}: write levels as strides from {list(STRIDES)} joined by ',' (separate "
+                         "levels) or '+' (one level), e.g. 8,16 or 16,32 or 16+32") from None
+    bad = sorted({s for level in levels for s in level if s not in STRIDES})
+    if bad:
+        raise ValueError(f"{text!r}: stride(s) {bad} are not backbone stages; choose from {list(STRIDES)}")
+    return levels
 
 
 def sincos_position_2d(d: int, h: int, w: int) -> torch.Tensor:
@@ -90,28 +164,41 @@ def sincos_position_2d(d: int, h: int, w: int) -> torch.Tensor:
 
 
 def squared_distance_maps(h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``D^y_ij = (row_i - row_j)^2`` and ``D^x_ij = (col_i - col_j)^2``, each ``[L, L]`` float32."""
+    """Separable squared distances of an ``h x w`` grid, tokens in row-major order.
+
+    Returns:
+        ``D^y_ir = (row_i - r)^2`` ``[L, h]`` and ``D^x_ic = (col_i - c)^2`` ``[L, w]``, float32; the
+        full ``[L, L]`` distance ``D_ij`` of fod-method.md 2.3 is ``D^y_{i,row_j} + D^x_{i,col_j}``.
+    """
     rows = torch.arange(h).repeat_interleave(w).float()
     cols = torch.arange(w).repeat(h).float()
-    return (rows[:, None] - rows[None, :]) ** 2, (cols[:, None] - cols[None, :]) ** 2
+    dist_y = (rows[:, None] - torch.arange(h).float()[None, :]) ** 2
+    return dist_y, (cols[:, None] - torch.arange(w).float()[None, :]) ** 2
 
 
 def rbf_target(sigma: torch.Tensor, dist_y: torch.Tensor, dist_x: torch.Tensor) -> torch.Tensor:
-    """Row-normalised Gaussian target correlation in softmax form (fod-method.md 2.3).
+    """Row-normalised Gaussian target correlation (fod-method.md 2.3), computed separably.
 
-    ``P_hij = softmax_j(-D^y_ij / (2 sigma_y,hi^2) - D^x_ij / (2 sigma_x,hi^2))``, which equals the
-    reference's ``T / sum_j T`` with ``T = exp(...) / (2 pi sigma_y sigma_x)``: the prefactor cancels.
+    ``P_hij = softmax_j(-D^y_ij / (2 sigma_y,hi^2) - D^x_ij / (2 sigma_x,hi^2))`` equals the
+    reference's ``T / sum_j T`` with ``T = exp(...) / (2 pi sigma_y sigma_x)`` (the prefactor cancels).
+    The exponent is a sum of a row term and a column term, so the softmax over the ``h x w`` keys
+    is the outer product of a softmax over rows and one over columns (the normaliser factorises:
+    ``sum_{r,c} e^{a_r + b_c} = sum_r e^{a_r} sum_c e^{b_c}``). This builds the ``[N, H, L, L]`` map
+    with one multiplication instead of five element-wise passes: exact, not an approximation.
 
     Args:
         sigma: ``[N, H, L, 2]`` float32 (channel 0 sigma_y, 1 sigma_x), in grid cells.
-        dist_y, dist_x: ``[L, S]`` float32 squared distances.
+        dist_y: ``[L, h]``, dist_x: ``[L, w]`` float32 squared distances (:func:`squared_distance_maps`).
 
     Returns:
-        ``[N, H, L, S]`` float32, rows sum to 1.
+        ``[N, H, L, h*w]`` float32, rows sum to 1, keys row-major.
     """
     inv_y = 0.5 / sigma[..., 0:1].square()
     inv_x = 0.5 / sigma[..., 1:2].square()
-    return torch.softmax(-(dist_y * inv_y + dist_x * inv_x), dim=-1)
+    p_rows = torch.softmax(-(dist_y * inv_y), dim=-1)  # [N, H, L, h]
+    p_cols = torch.softmax(-(dist_x * inv_x), dim=-1)  # [N, H, L, w]
+    n, heads, length, h = p_rows.shape
+    return (p_rows.unsqueeze(-1) * p_cols.unsqueeze(-2)).reshape(n, heads, length, h * p_cols.shape[-1])
 
 
 def symmetric_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -225,7 +312,7 @@ class FODLevel(nn.Module):
         d: model width; heads, layers, ffn_mult: see :class:`FODConfig`.
 
     Buffers: ``reference`` ``[1, L, C]`` (mean training feature per position), ``pos`` ``[1, L, d]``,
-    ``dist_y``/``dist_x`` ``[L, L]``.
+    ``dist_y`` ``[L, h]`` / ``dist_x`` ``[L, w]`` (not saved).
     """
 
     pos: torch.Tensor
@@ -246,9 +333,15 @@ class FODLevel(nn.Module):
         self.head = nn.Linear(d, channels)
         dist_y, dist_x = squared_distance_maps(h, w)
         self.register_buffer("pos", sincos_position_2d(d, h, w)[None])
-        self.register_buffer("dist_y", dist_y)
-        self.register_buffer("dist_x", dist_x)
+        self.register_buffer("dist_y", dist_y, persistent=False)  # derived from the grid, not saved
+        self.register_buffer("dist_x", dist_x, persistent=False)
         self.register_buffer("reference", torch.zeros(1, h * w, channels))
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        """Drop the ``[L, L]`` distance maps that checkpoints before the separable target saved."""
+        for key in (prefix + "dist_y", prefix + "dist_x"):
+            state_dict.pop(key, None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, tokens: torch.Tensor, training_maps: bool = False) -> tuple[torch.Tensor, list[LayerMaps]]:
         """Reconstruct tokens.
@@ -316,23 +409,30 @@ class GaussianSmoothing(nn.Module):
 
 
 class FODModel(nn.Module):
-    """Frame to answer: backbone, both FOD levels, scoring, upsampling, level average, smoothing.
+    """Frame to answer: backbone, the FOD levels, scoring, upsampling, level fusion, smoothing.
 
     ``forward(images)``: ``images`` uint8 ``[N, H, W, 3]`` BGR at ``config.image_size`` ->
     ``anomaly_map`` float32 ``[N, 1, H, W]`` and ``score`` float32 ``[N]`` (max of the map).
     This is exactly the exported ONNX graph.
+
+    Raises:
+        CheckpointError: an invalid config (:meth:`FODConfig.validate`).
     """
 
     def __init__(self, config: FODConfig, *, pretrained: bool = True) -> None:
         super().__init__()
+        config.validate()
         self.config = config
-        self.backbone = FeatureExtractor(config.backbone, config.image_size, pretrained=pretrained)
+        self.backbone = FeatureExtractor(
+            config.backbone, config.image_size, strides=config.strides, pretrained=pretrained
+        )
+        channels = dict(zip(config.strides, self.backbone.channels))
         s = config.image_size
-        grids = ((s // 8, s // 8), (s // 16, s // 16))
         self.levels: list[FODLevel] = nn.ModuleList(  # type: ignore[assignment]
             [
-                FODLevel(c, g, d, config.heads, config.layers, config.ffn_mult)
-                for c, g, d in zip(self.backbone.channels, grids, config.d_models)
+                FODLevel(sum(channels[st] for st in level), (s // min(level), s // min(level)), d,
+                         config.heads, config.layers, config.ffn_mult)
+                for level, d in zip(config.levels, config.d_models)
             ]
         )
         self.smoothing = GaussianSmoothing(config.smooth_sigma)
@@ -342,16 +442,44 @@ class FODModel(nn.Module):
         """``[N, C, h, w]`` -> ``[N, h*w, C]`` row-major."""
         return feature.flatten(2).transpose(1, 2)
 
-    def maps_from_features(self, features: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scoring from backbone features: ``(f8, f16)`` -> ``(anomaly_map [N,1,H,W], score [N])``."""
+    def level_inputs(self, features: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        """Backbone maps (one per ``config.strides``) -> one ``[N, C_l, h_l, w_l]`` input per level.
+
+        A level with several strides concatenates their maps on its finest grid (coarser maps
+        bilinearly upsampled, ``align_corners=False``).
+        """
+        by_stride = dict(zip(self.config.strides, features))
+        out = []
+        for level in self.config.levels:
+            grid = by_stride[level[0]].shape[-2:]
+            parts = [by_stride[level[0]]] + [
+                F.interpolate(by_stride[st], size=grid, mode="bilinear", align_corners=False) for st in level[1:]
+            ]
+            out.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
+        return out
+
+    def level_maps(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per level the patch-score map upsampled to the input size: ``[N, 1, H, W]`` float32 each."""
         size = (self.config.image_size, self.config.image_size)
-        maps = [
+        return [
             F.interpolate(level.patch_scores(self.tokens(f)), size=size, mode="bilinear", align_corners=True)
-            for level, f in zip(self.levels, features)
+            for level, f in zip(self.levels, inputs)
         ]
-        anomaly_map = self.smoothing(torch.stack(maps).mean(0))
+
+    def fuse(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        """Combine the level maps (see :attr:`FODConfig.level_norm`), then smooth: ``[N, 1, H, W]``."""
+        norm = self.config.level_norm
+        if norm is None:
+            fused = torch.stack(maps).mean(0)
+        else:
+            fused = torch.stack([torch.relu((m - mean) * (1.0 / std)) for m, (mean, std) in zip(maps, norm)]).mean(0)
+        return self.smoothing(fused)
+
+    def maps_from_features(self, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scoring from level inputs (:meth:`level_inputs`) -> ``(anomaly_map [N,1,H,W], score [N])``."""
+        anomaly_map = self.fuse(self.level_maps(inputs))
         return anomaly_map, anomaly_map.amax(dim=(1, 2, 3))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """See the class docstring."""
-        return self.maps_from_features(self.backbone(images))
+        return self.maps_from_features(self.level_inputs(self.backbone(images)))

@@ -31,7 +31,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model, record = train_model(
         images,
         FODConfig(image_size=64, d_models=(32, 32)),
-        TrainSettings(epochs=1, batch_size=4, lr=3e-4, progress=False),
+        TrainSettings(epochs=1, batch_size=4, lr=3e-4, progress=False, holdout=0.25),
     )
     record["data"] = {"count": 8, "sha256": "0" * 64, "root": "synthetic"}
     run = tmp_path_factory.mktemp("tiny_run")

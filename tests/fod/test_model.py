@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fod.losses import fod_loss, reconstruction_loss
+from fod.losses import TERMS, fod_loss, reconstruction_loss
 from fod.model import (
     FODConfig,
     FODLevel,
@@ -23,13 +23,19 @@ from fod.model import (
 )
 
 
-def test_softmax_target_equals_normalised_rbf_kernel():
+@pytest.mark.parametrize(("h", "w"), [(5, 5), (3, 7)])
+def test_separable_target_equals_normalised_rbf_kernel(h: int, w: int):
+    # the literal reference kernel on the full [L, L] distance maps (fod-method.md 2.3)
     torch.manual_seed(0)
-    h = w = 5
     dist_y, dist_x = squared_distance_maps(h, w)
+    assert dist_y.shape == (h * w, h)
+    assert dist_x.shape == (h * w, w)
+    rows = torch.arange(h).repeat_interleave(w).double()
+    cols = torch.arange(w).repeat(h).double()
+    full_y, full_x = (rows[:, None] - rows[None]) ** 2, (cols[:, None] - cols[None]) ** 2
     sigma = torch.rand(2, 3, h * w, 2) * 1.5 + 0.2  # [N, H, L, 2]
     sy, sx = sigma[..., 0:1].double(), sigma[..., 1:2].double()
-    kernel = torch.exp(-dist_y.double() / (2 * sy**2) - dist_x.double() / (2 * sx**2)) / (2 * math.pi * sy * sx)
+    kernel = torch.exp(-full_y / (2 * sy**2) - full_x / (2 * sx**2)) / (2 * math.pi * sy * sx)
     expected = kernel / kernel.sum(-1, keepdim=True)
     torch.testing.assert_close(rbf_target(sigma, dist_y, dist_x).double(), expected, rtol=1e-5, atol=1e-7)
 
@@ -87,10 +93,11 @@ def test_positional_code_layout():
 
 def test_distance_maps_row_major():
     dist_y, dist_x = squared_distance_maps(2, 3)
-    # token 0 = (0,0), token 5 = (1,2)
-    assert dist_y[0, 5] == 1
-    assert dist_x[0, 5] == 4
-    assert dist_y[5, 5] == 0
+    # token 0 = (0,0), token 5 = (1,2); dist_y[i, r] = (row_i - r)^2, dist_x[i, c] = (col_i - c)^2
+    assert dist_y[0, 1] == 1
+    assert dist_x[0, 2] == 4
+    assert dist_y[5, 1] == 0
+    assert dist_x[5, 2] == 0
 
 
 def test_gaussian_kernel_matches_scipy_radius_and_smoothing_keeps_mass():
@@ -161,8 +168,9 @@ def test_loss_gradients_follow_stop_gradient_rules():
     level = FODLevel(8, (4, 4), 16, heads=2, layers=1, ffn_mult=2)
     tokens = torch.randn(2, 16, 8)
     recon, maps = level(tokens, training_maps=True)
-    loss, terms = fod_loss(tokens, recon, maps, 0.5, 0.5)
+    loss, term_values = fod_loss(tokens, recon, maps, 0.5, 0.5)
     loss.backward()
+    terms = dict(zip(TERMS, term_values.tolist()))
     assert set(terms) >= {"rec", "intra1", "intra2", "inter1", "inter2", "h_intra", "h_inter"}
     assert terms["intra1"] == pytest.approx(terms["intra2"])  # same value, different gradient paths
     layer = level.layers[0]

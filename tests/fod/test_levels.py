@@ -1,0 +1,177 @@
+"""Configurable levels (which backbone strides feed each FOD level) and the normalised level fusion."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fod.checkpoint import load_checkpoint, save_checkpoint
+from fod.errors import CheckpointError, DataError
+from fod.model import FODConfig, FODModel, parse_levels
+from fod.train import TrainSettings, level_statistics, split_holdout, train_model
+from tests.fod.conftest import synthetic_good_images
+
+
+def _model(levels: tuple[tuple[int, ...], ...], size: int, norm=None) -> FODModel:
+    torch.manual_seed(0)
+    config = FODConfig(image_size=size, levels=levels, d_models=(16,) * len(levels), heads=2, layers=1,
+                       ffn_mult=2, level_norm=norm)
+    model = FODModel(config, pretrained=False).eval()
+    for level in model.levels:
+        level.reference.normal_()
+    return model
+
+
+@pytest.mark.parametrize("levels", [((8,), (16,)), ((16,), (32,)), ((16, 32),), ((8, 16, 32),)])
+@pytest.mark.parametrize("size", [64, 96])
+def test_level_shapes_for_each_configuration(levels: tuple[tuple[int, ...], ...], size: int):
+    model = _model(levels, size)
+    images = torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        features = model.backbone(images)
+        inputs = model.level_inputs(features)
+        amap, score = model(images)
+    assert [f.shape[-1] for f in features] == [size // s for s in model.config.strides]
+    channels = dict(zip(model.config.strides, model.backbone.channels))
+    for level_strides, x, level in zip(levels, inputs, model.levels):
+        grid = size // min(level_strides)
+        assert x.shape == (2, sum(channels[s] for s in level_strides), grid, grid)
+        assert level.grid == (grid, grid)
+    assert amap.shape == (2, 1, size, size)
+    assert score.shape == (2,)
+
+
+@pytest.mark.parametrize("levels", [((16,), (32,)), ((16, 32),)])
+def test_each_configuration_exports_with_parity(levels: tuple[tuple[int, ...], ...], tmp_path: Path):
+    from fod.export import export_package
+
+    model = _model(levels, 64, norm=((0.1, 0.05),) * len(levels))
+    save_checkpoint(tmp_path / "run", model, {"data": {"count": 2, "sha256": "0" * 64, "root": "synthetic"}})
+    export_package(tmp_path / "run", tmp_path / "pkg")  # raises when ONNX Runtime disagrees with PyTorch
+    manifest = json.loads((tmp_path / "pkg" / "manifest.json").read_text())
+    assert "64" in json.dumps(manifest["input"])
+
+
+def test_parse_levels_forms_and_errors():
+    assert parse_levels("8,16") == ((8,), (16,))
+    assert parse_levels("16+32") == ((16, 32),)
+    assert parse_levels("8,32+16") == ((8,), (16, 32))
+    with pytest.raises(ValueError, match=r"choose from \[4, 8, 16, 32\]"):
+        parse_levels("8,64")
+    with pytest.raises(ValueError, match=r"e\.g\. 8,16"):
+        parse_levels("eight")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"levels": ((16,), (32,)), "image_size": 80}, "multiple of the coarsest stride 32"),
+        ({"levels": ((8,), (64,))}, "not backbone stages"),
+        ({"levels": ((8,), (16,)), "d_models": (32,)}, "one width per level"),
+        ({"level_norm": ((0.1, 0.0), (0.2, 0.1))}, "std > 0"),
+    ],
+)
+def test_invalid_configs_name_the_option(kwargs: dict, message: str):
+    with pytest.raises(CheckpointError, match=message):
+        FODConfig(**kwargs).validate()
+
+
+def test_fusion_scale_invariant_no_level_decides_by_size():
+    # two levels: level 1 sees a defect, level 0 does not. Scaling level 0's map 10x (as a level with
+    # larger values would) changes the plain average's decision but not the normalised fusion's.
+    model = _model(((16,), (32,)), 64)
+    rng = np.random.default_rng(0)
+    quiet = torch.from_numpy(rng.uniform(0.9, 1.1, (1, 1, 64, 64)).astype(np.float32))
+    defect = quiet.clone()
+    defect[..., 20:30, 20:30] += 2.0
+    stats = ((1.0, 0.06), (1.0, 0.06))
+    scaled_stats = ((10.0, 0.6), (1.0, 0.06))
+    model.config.level_norm = stats
+    fused = model.fuse([quiet, defect])
+    model.config.level_norm = scaled_stats
+    fused_scaled = model.fuse([10 * quiet, defect])
+    torch.testing.assert_close(fused, fused_scaled, rtol=1e-5, atol=1e-5)
+    assert int(fused.flatten().argmax()) // 64 in range(18, 32)  # the defect decides
+    model.config.level_norm = None
+    plain = model.fuse([10 * quiet, defect])
+    # under the plain average the scaled quiet level dominates: the defect barely stands out
+    contrast_plain = float(plain[0, 0, 25, 25] / plain.median())
+    contrast_norm = float(fused_scaled[0, 0, 25, 25] / fused_scaled.median().clamp_min(1e-6))
+    assert contrast_norm > 3 * contrast_plain
+
+
+def test_holdout_split_and_its_errors():
+    train, held = split_holdout(50, 0.1, seed=1)
+    assert len(held) == 5
+    assert len(train) == 45
+    assert not set(train) & set(held)
+    assert np.array_equal(split_holdout(50, 0.1, seed=1)[1], held)  # seeded
+    assert len(split_holdout(10, 0.0, seed=1)[1]) == 0
+    with pytest.raises(DataError, match=r"--holdout 0\.1 of 8 good images holds out 1"):
+        split_holdout(8, 0.1, seed=1)
+    with pytest.raises(DataError, match=r"between 0 and 0\.5"):
+        split_holdout(8, 0.9, seed=1)
+
+
+def test_statistics_measured_saved_reloaded_and_exported(tmp_path: Path):
+    images = synthetic_good_images(12, 64, seed=3)
+    config = FODConfig(image_size=64, levels=((16,), (32,)), d_models=(16, 16), heads=2, layers=1, ffn_mult=2)
+    model, record = train_model(images, config, TrainSettings(epochs=1, batch_size=4, progress=False, holdout=0.25))
+    norm = model.config.level_norm
+    assert norm is not None
+    assert len(norm) == 2
+    assert len(record["holdout_indices"]) == 3
+    assert all(std > 0 for _, std in norm)
+    # the statistics are those of the held-out images' level maps
+    from fod.train import extract_features
+
+    held = torch.from_numpy(np.array(record["holdout_indices"]))
+    again = level_statistics(model, [f[held] for f in extract_features(model, images)])
+    np.testing.assert_allclose(np.array(again), np.array(norm), rtol=1e-6)
+    record["data"] = {"count": 12, "sha256": "0" * 64, "root": "synthetic"}
+    save_checkpoint(tmp_path / "run", model, record)
+    loaded, _ = load_checkpoint(tmp_path / "run")
+    assert loaded.config.level_norm == norm
+    x = torch.from_numpy(images[:3])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)[1], model(x)[1])
+    # the exported graph carries the statistics as constants: ONNX Runtime equals the checkpoint
+    from fod.export import export_package
+    from fod.runner import OnnxRuntimeRunner
+
+    export_package(tmp_path / "run", tmp_path / "pkg")
+    with OnnxRuntimeRunner(tmp_path / "pkg" / "model.onnx", (64, 64)) as runner:
+        out = runner.infer(images[:3])
+    with torch.no_grad():
+        _, torch_score = model(x)
+    np.testing.assert_allclose(out.score, torch_score.numpy(), rtol=1e-3)
+
+
+def test_checkpoint_of_the_previous_format_still_loads(tmp_path: Path):
+    # a checkpoint written before levels/level_norm: config without them, backbone keys to8/to16,
+    # [L, L] distance buffers in the state dict
+    model = _model(((8,), (16,)), 64)
+    state = model.state_dict()
+    old_state = {}
+    for key, value in state.items():
+        key = key.replace("backbone.stages.0.", "backbone.to8.").replace("backbone.stages.1.", "backbone.to16.")
+        old_state[key] = value
+    for i, level in enumerate(model.levels):
+        length = level.grid[0] * level.grid[1]
+        old_state[f"levels.{i}.dist_y"] = torch.zeros(length, length)
+        old_state[f"levels.{i}.dist_x"] = torch.zeros(length, length)
+    config = model.config.to_dict()
+    del config["levels"], config["level_norm"]
+    (tmp_path / "run").mkdir()
+    torch.save({"format": "fod-checkpoint", "version": 1, "config": config, "state_dict": old_state,
+                "record": {}}, tmp_path / "run" / "checkpoint.pt")
+    loaded, _ = load_checkpoint(tmp_path / "run")
+    assert loaded.config.levels == ((8,), (16,))
+    assert loaded.config.level_norm is None
+    x = torch.randint(0, 256, (1, 64, 64, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)[0], model(x)[0])
