@@ -57,7 +57,7 @@ from agent.render import (
 )
 from agent.schemas import AlarmPayload, CameraStatePayload, LatencyMs, ResultPayload, Verdict
 from agent.snapshots import SnapshotFiles, SnapshotStore
-from calibration.normalization import normalize_score
+from fod.normalization import normalize_score
 from fod.preprocess import to_model_input
 
 log = logging.getLogger(__name__)

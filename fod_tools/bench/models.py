@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from agent.backends import tensorrt_status
 from fod import __version__
 from fod.errors import InputError
 from fod.package import VARIANT_FILES, ModelPackage
@@ -122,7 +123,7 @@ def machine_info() -> dict[str, Any]:
         providers = list(ort.get_available_providers())
     except ImportError:
         pass
-    trt_ok, trt_reason = _tensorrt_status()
+    trt_ok, trt_reason = tensorrt_status()
     return {
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
@@ -143,18 +144,6 @@ def machine_info() -> dict[str, Any]:
         "onnxruntime_providers": providers,
         "tensorrt": {"available": trt_ok, "detail": trt_reason},
     }
-
-
-def _tensorrt_status() -> tuple[bool, str]:
-    try:
-        from engine_build.runner import tensorrt_available
-    except ImportError as exc:
-        return False, f"engine_build.runner cannot be imported: {exc}"
-    try:
-        ok, reason = tensorrt_available()
-        return bool(ok), str(reason)
-    except Exception as exc:  # contract of tensorrt_available is never to raise; stay safe anyway
-        return False, f"tensorrt_available() failed: {exc}"
 
 
 # ---------------------------------------------------------------------------------------------- model part
@@ -224,7 +213,7 @@ def model_candidates(
                 lambda p=path: OnnxRuntimeRunner(p, package.image_size, intra_op_threads=threads),  # type: ignore[misc]
             )
         )
-    trt_ok, trt_reason = _tensorrt_status()
+    trt_ok, trt_reason = tensorrt_status()
     if not trt_ok:
         skipped.append({"backend": "tensorrt", "precision": "*", "reason": trt_reason})
     else:

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import AgentError, ConfigError
-from fod_tools.demo.broker import BrokerInfo, ensure_broker
+from fod_tools.demo.broker import BrokerInfo, ensure_broker, free_port
 from fod_tools.demo.conveyor import SyntheticConveyor
 from fod_tools.demo.model import DEMO_RECIPE, DemoRecipe, cache_dir, demo_conveyor, ensure_demo_package, roi_box
 
@@ -137,7 +137,7 @@ def demo_overrides(
     if getattr(args, "config", None) is None:
         overrides.setdefault("http.host", "127.0.0.1")
     if "http.port" not in overrides:
-        overrides["http.port"] = DEFAULT_HTTP_PORT if _port_free(DEFAULT_HTTP_PORT) else _free_port()
+        overrides["http.port"] = DEFAULT_HTTP_PORT if _port_free(DEFAULT_HTTP_PORT) else free_port()
     return overrides
 
 
@@ -472,12 +472,6 @@ def _port_free(port: int, host: str = "127.0.0.1") -> bool:
         except OSError:
             return False
     return True
-
-
-def _free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def _url_host(host: str) -> str:
