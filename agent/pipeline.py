@@ -10,7 +10,7 @@ Stages and hand-offs (each bounded, with a declared policy and a metric):
    and scored in one batch;
 3. **decision** (event loop): per-ROI threshold, verdict, N-of-M debounce and hysteresis
    (:mod:`agent.decision`); every scored ROI is published as a result, every alarm transition goes
-   straight to :meth:`agent.mqtt.MqttLink.publish_alarm` (its on-disk outbox: never dropped);
+   straight to :meth:`agent.mqtt.link.MqttLink.publish_alarm` (its on-disk outbox: never dropped);
 4. **publish queue** (``pipeline.publish_queue_size``, drop-oldest, ``fod_queue_dropped_total``):
    NG frames (and preview frames while someone watches) wait here for a worker thread that renders
    the mask PNG and overlay JPEG, publishes them and writes snapshots.
@@ -44,7 +44,7 @@ from agent.decision import DecisionRule, RoiDecision
 from agent.errors import AgentError
 from agent.http import AgentHttpServer, PreviewHub
 from agent.metrics import AgentMetrics
-from agent.mqtt import MqttLink
+from agent.mqtt.link import MqttLink
 from agent.render import (
     Box,
     MapScale,
@@ -140,7 +140,7 @@ class Agent:
             (the demo's synthetic conveyor, tests).
         model: an already loaded model (tests, benchmarks); None loads ``config.model``.
         registry: Prometheus registry; None creates one.
-        link: an MQTT link (tests); None creates :class:`agent.mqtt.MqttLink` from ``config.mqtt``.
+        link: an MQTT link (tests); None creates :class:`agent.mqtt.link.MqttLink` from ``config.mqtt``.
 
     Example:
         >>> agent = Agent(load_config("config.toml"))  # doctest: +SKIP

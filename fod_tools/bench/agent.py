@@ -50,7 +50,7 @@ from agent.capture import IMAGE_SUFFIXES
 from agent.cli import apply_broker
 from agent.config import AgentConfig, load_config
 from agent.errors import AgentError, BrokerError
-from agent.mqtt import MqttConfig
+from agent.mqtt.config import MqttConfig
 from agent.pipeline import Agent
 from fod.errors import FodError
 from fod.preprocess import read_image, to_model_input
