@@ -312,7 +312,8 @@ class Agent:
             self.cameras[camera.name] = runtime
 
     def _reset_thresholds(self, runtime: CameraRuntime) -> None:
-        assert self.model is not None
+        if self.model is None:
+            raise AgentError("internal error: model used before the agent started (run() sets it up)")
         decision = self.config.decision
         for roi in runtime.config.rois:
             threshold = roi.threshold if roi.threshold is not None else self.model.calibration.image_threshold
@@ -350,7 +351,8 @@ class Agent:
             for name, runtime in self.cameras.items():
                 self._publish_state(runtime.worker.status())
                 self.metrics.queue_depth.labels(f"frames_{name}").set(runtime.worker.slot.depth)
-            assert self._publish_queue is not None
+            if self._publish_queue is None:
+                raise AgentError("internal error: _publish_queue used before the agent started (run() sets it up)")
             self.metrics.queue_depth.labels("publish").set(self._publish_queue.qsize())
 
     def health(self) -> tuple[bool, dict[str, Any]]:
@@ -413,7 +415,8 @@ class Agent:
                 self.metrics.frame_dropped(name, "paused")
                 continue
             model = self.model
-            assert model is not None
+            if model is None:
+                raise AgentError("internal error: model used before the agent started (run() sets it up)")
             try:
                 scored = await loop.run_in_executor(self._infer_pool, self._score, runtime.config, frame, taken)
             except Exception as exc:
@@ -434,7 +437,8 @@ class Agent:
     def _score(self, camera: CameraConfig, frame: Frame, taken: float) -> ScoredFrame:
         """Crop, preprocess and score every ROI of a frame as one batch (inference thread)."""
         model = self.model
-        assert model is not None
+        if model is None:
+            raise AgentError("internal error: model used before the agent started (run() sets it up)")
         t0 = time.perf_counter()
         height, width = frame.image.shape[:2]
         boxes: list[tuple[str, Box]] = []
@@ -466,7 +470,8 @@ class Agent:
         t_post = time.perf_counter()
         name = runtime.config.name
         link = self.link
-        assert link is not None
+        if link is None:
+            raise AgentError("internal error: link used before the agent started (run() sets it up)")
         calibration = model.calibration
         seq = runtime.scored
         runtime.scored += 1
@@ -582,7 +587,8 @@ class Agent:
         )
         job = PublishJob(name, runtime.scored - 1, frame, scored, verdicts, results, images, snapshot, preview, scale)
         queue = self._publish_queue
-        assert queue is not None
+        if queue is None:
+            raise AgentError("internal error: queue used before the agent started (run() sets it up)")
         if queue.full():
             with contextlib.suppress(asyncio.QueueEmpty):
                 queue.get_nowait()
@@ -594,7 +600,8 @@ class Agent:
     async def _publisher(self) -> None:
         loop = asyncio.get_running_loop()
         queue = self._publish_queue
-        assert queue is not None
+        if queue is None:
+            raise AgentError("internal error: queue used before the agent started (run() sets it up)")
         while True:
             job = await queue.get()
             try:
@@ -634,7 +641,8 @@ class Agent:
     async def _end_watcher(self, camera_tasks: list[asyncio.Task[Any]]) -> None:
         await asyncio.gather(*camera_tasks, return_exceptions=True)
         if self.config.exit_at_end:
-            assert self._publish_queue is not None
+            if self._publish_queue is None:
+                raise AgentError("internal error: _publish_queue used before the agent started (run() sets it up)")
             await self._publish_queue.join()
             self.request_stop("every source ended (exit_at_end)")
 
