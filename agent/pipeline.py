@@ -58,7 +58,7 @@ from agent.render import (
 from agent.schemas import AlarmPayload, CameraStatePayload, LatencyMs, ResultPayload, Verdict
 from agent.snapshots import SnapshotFiles, SnapshotStore
 from fod.normalization import normalize_score
-from fod.preprocess import to_model_input
+from fod.preprocess import crop_box, to_model_input
 
 log = logging.getLogger(__name__)
 
@@ -440,17 +440,14 @@ class Agent:
         if model is None:
             raise AgentError("internal error: model used before the agent started (run() sets it up)")
         t0 = time.perf_counter()
-        height, width = frame.image.shape[:2]
         boxes: list[tuple[str, Box]] = []
         crops = []
         for roi in camera.rois:
-            x, y, w, h = roi.box_px if roi.box_px is not None else (0, 0, width, height)
-            x0, y0 = min(x, width), min(y, height)
-            x1, y1 = min(x + w, width), min(y + h, height)
-            if x1 - x0 < 2 or y1 - y0 < 2:
+            cropped = crop_box(frame.image, roi.box_px)
+            if cropped is None:
                 continue
-            boxes.append((roi.name, (x0, y0, x1 - x0, y1 - y0)))
-            crop = frame.image[y0:y1, x0:x1]
+            box, crop = cropped
+            boxes.append((roi.name, box))
             crops.append(to_model_input(crop, model.image_size, source=f"{camera.name}/{roi.name}"))
         if not crops:
             return ScoredFrame([], 0.0, 0.0, taken)

@@ -34,7 +34,7 @@ import cv2
 import numpy as np
 
 from agent.errors import AgentError
-from fod.preprocess import to_model_input
+from fod.preprocess import crop_box, to_model_input
 from fod_tools.demo.conveyor import SyntheticConveyor
 
 log = logging.getLogger(__name__)
@@ -124,9 +124,15 @@ def roi_box(recipe: DemoRecipe = DEMO_RECIPE) -> tuple[int, int, int, int]:
 
 
 def crop_roi(frame: np.ndarray, roi_px: tuple[int, int, int, int]) -> np.ndarray:
-    """``frame[y:y+h, x:x+w]`` for ``roi_px = (x, y, w, h)`` (a view, no copy)."""
-    x, y, w, h = roi_px
-    return frame[y : y + h, x : x + w]
+    """The ROI of ``roi_px = (x, y, w, h)``, clipped to the frame as the agent does (a view, no copy).
+
+    Raises:
+        ValueError: fewer than 2 px of the ROI lie inside the frame.
+    """
+    cropped = crop_box(frame, roi_px)
+    if cropped is None:
+        raise ValueError(f"ROI {roi_px} lies outside the {frame.shape[1]}x{frame.shape[0]} frame")
+    return cropped[1]
 
 
 def cached_package(recipe: DemoRecipe = DEMO_RECIPE, root: Path | None = None) -> Path | None:
