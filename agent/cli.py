@@ -247,7 +247,7 @@ def _check_config(config: Any, origin: str) -> int:
 
 def _run_demo(args: argparse.Namespace) -> int:
     try:
-        demo = importlib.import_module("agent.demo")
+        demo = importlib.import_module("fod_tools.demo")
         run_demo = demo.run_demo
     except (ImportError, AttributeError) as exc:
         print(

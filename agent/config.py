@@ -18,7 +18,7 @@ import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agent.errors import ConfigError
-from agent.mqtt import MqttConfig
+from agent.mqtt.config import MqttConfig
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _NAME_HINT = "use letters, digits, '_', '-' or '.' (it becomes an MQTT topic level)"

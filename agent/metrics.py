@@ -1,7 +1,7 @@
 """Prometheus metrics of the agent, updated where each event happens.
 
 One :class:`AgentMetrics` owns the agent's collectors on a ``CollectorRegistry`` (the same
-registry is given to :class:`agent.mqtt.MqttLink`, which adds its ``fod_mqtt_*`` / ``fod_alarm*``
+registry is given to :class:`agent.mqtt.link.MqttLink`, which adds its ``fod_mqtt_*`` / ``fod_alarm*``
 collectors, and ``/metrics`` serves it). The status page and ``/healthz`` read the same objects;
 nothing is re-parsed from text.
 """

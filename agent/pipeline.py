@@ -10,7 +10,7 @@ Stages and hand-offs (each bounded, with a declared policy and a metric):
    and scored in one batch;
 3. **decision** (event loop): per-ROI threshold, verdict, N-of-M debounce and hysteresis
    (:mod:`agent.decision`); every scored ROI is published as a result, every alarm transition goes
-   straight to :meth:`agent.mqtt.MqttLink.publish_alarm` (its on-disk outbox: never dropped);
+   straight to :meth:`agent.mqtt.link.MqttLink.publish_alarm` (its on-disk outbox: never dropped);
 4. **publish queue** (``pipeline.publish_queue_size``, drop-oldest, ``fod_queue_dropped_total``):
    NG frames (and preview frames while someone watches) wait here for a worker thread that renders
    the mask PNG and overlay JPEG, publishes them and writes snapshots.
@@ -44,7 +44,7 @@ from agent.decision import DecisionRule, RoiDecision
 from agent.errors import AgentError
 from agent.http import AgentHttpServer, PreviewHub
 from agent.metrics import AgentMetrics
-from agent.mqtt import MqttLink
+from agent.mqtt.link import MqttLink
 from agent.render import (
     Box,
     MapScale,
@@ -57,8 +57,8 @@ from agent.render import (
 )
 from agent.schemas import AlarmPayload, CameraStatePayload, LatencyMs, ResultPayload, Verdict
 from agent.snapshots import SnapshotFiles, SnapshotStore
-from calibration.normalization import normalize_score
-from fod.preprocess import to_model_input
+from fod.normalization import normalize_score
+from fod.preprocess import crop_box, to_model_input
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class Agent:
             (the demo's synthetic conveyor, tests).
         model: an already loaded model (tests, benchmarks); None loads ``config.model``.
         registry: Prometheus registry; None creates one.
-        link: an MQTT link (tests); None creates :class:`agent.mqtt.MqttLink` from ``config.mqtt``.
+        link: an MQTT link (tests); None creates :class:`agent.mqtt.link.MqttLink` from ``config.mqtt``.
 
     Example:
         >>> agent = Agent(load_config("config.toml"))  # doctest: +SKIP
@@ -312,7 +312,8 @@ class Agent:
             self.cameras[camera.name] = runtime
 
     def _reset_thresholds(self, runtime: CameraRuntime) -> None:
-        assert self.model is not None
+        if self.model is None:
+            raise AgentError("internal error: model used before the agent started (run() sets it up)")
         decision = self.config.decision
         for roi in runtime.config.rois:
             threshold = roi.threshold if roi.threshold is not None else self.model.calibration.image_threshold
@@ -350,7 +351,8 @@ class Agent:
             for name, runtime in self.cameras.items():
                 self._publish_state(runtime.worker.status())
                 self.metrics.queue_depth.labels(f"frames_{name}").set(runtime.worker.slot.depth)
-            assert self._publish_queue is not None
+            if self._publish_queue is None:
+                raise AgentError("internal error: _publish_queue used before the agent started (run() sets it up)")
             self.metrics.queue_depth.labels("publish").set(self._publish_queue.qsize())
 
     def health(self) -> tuple[bool, dict[str, Any]]:
@@ -413,7 +415,8 @@ class Agent:
                 self.metrics.frame_dropped(name, "paused")
                 continue
             model = self.model
-            assert model is not None
+            if model is None:
+                raise AgentError("internal error: model used before the agent started (run() sets it up)")
             try:
                 scored = await loop.run_in_executor(self._infer_pool, self._score, runtime.config, frame, taken)
             except Exception as exc:
@@ -434,19 +437,17 @@ class Agent:
     def _score(self, camera: CameraConfig, frame: Frame, taken: float) -> ScoredFrame:
         """Crop, preprocess and score every ROI of a frame as one batch (inference thread)."""
         model = self.model
-        assert model is not None
+        if model is None:
+            raise AgentError("internal error: model used before the agent started (run() sets it up)")
         t0 = time.perf_counter()
-        height, width = frame.image.shape[:2]
         boxes: list[tuple[str, Box]] = []
         crops = []
         for roi in camera.rois:
-            x, y, w, h = roi.box_px if roi.box_px is not None else (0, 0, width, height)
-            x0, y0 = min(x, width), min(y, height)
-            x1, y1 = min(x + w, width), min(y + h, height)
-            if x1 - x0 < 2 or y1 - y0 < 2:
+            cropped = crop_box(frame.image, roi.box_px)
+            if cropped is None:
                 continue
-            boxes.append((roi.name, (x0, y0, x1 - x0, y1 - y0)))
-            crop = frame.image[y0:y1, x0:x1]
+            box, crop = cropped
+            boxes.append((roi.name, box))
             crops.append(to_model_input(crop, model.image_size, source=f"{camera.name}/{roi.name}"))
         if not crops:
             return ScoredFrame([], 0.0, 0.0, taken)
@@ -466,7 +467,8 @@ class Agent:
         t_post = time.perf_counter()
         name = runtime.config.name
         link = self.link
-        assert link is not None
+        if link is None:
+            raise AgentError("internal error: link used before the agent started (run() sets it up)")
         calibration = model.calibration
         seq = runtime.scored
         runtime.scored += 1
@@ -582,7 +584,8 @@ class Agent:
         )
         job = PublishJob(name, runtime.scored - 1, frame, scored, verdicts, results, images, snapshot, preview, scale)
         queue = self._publish_queue
-        assert queue is not None
+        if queue is None:
+            raise AgentError("internal error: queue used before the agent started (run() sets it up)")
         if queue.full():
             with contextlib.suppress(asyncio.QueueEmpty):
                 queue.get_nowait()
@@ -594,7 +597,8 @@ class Agent:
     async def _publisher(self) -> None:
         loop = asyncio.get_running_loop()
         queue = self._publish_queue
-        assert queue is not None
+        if queue is None:
+            raise AgentError("internal error: queue used before the agent started (run() sets it up)")
         while True:
             job = await queue.get()
             try:
@@ -634,7 +638,8 @@ class Agent:
     async def _end_watcher(self, camera_tasks: list[asyncio.Task[Any]]) -> None:
         await asyncio.gather(*camera_tasks, return_exceptions=True)
         if self.config.exit_at_end:
-            assert self._publish_queue is not None
+            if self._publish_queue is None:
+                raise AgentError("internal error: _publish_queue used before the agent started (run() sets it up)")
             await self._publish_queue.join()
             self.request_stop("every source ended (exit_at_end)")
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from fod.normalization import normalize_values
+
 Box = tuple[int, int, int, int]
 """``(x, y, width, height)`` in frame px."""
 
@@ -41,9 +43,7 @@ class MapScale:
         Returns:
             float32 array of the same shape.
         """
-        low = min(self.low, self.threshold - 1e-12)
-        high = max(self.high, self.threshold + 1e-12)
-        return np.interp(values, [low, self.threshold, high], [0.0, 0.5, 1.0]).astype(np.float32)
+        return normalize_values(values, low=self.low, threshold=self.threshold, high=self.high).astype(np.float32)
 
 
 def frame_map(shape_hw: tuple[int, int], parts: Sequence[tuple[Box, np.ndarray]]) -> np.ndarray:

@@ -11,7 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from agent.demo.conveyor import SyntheticConveyor
+from fod_tools.demo.conveyor import SyntheticConveyor
 
 
 def main(root: Path) -> None:

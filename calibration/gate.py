@@ -3,7 +3,9 @@
 Both graphs score the same validation images, batch by batch; the gate compares:
 
 * image scores: Pearson and Spearman correlation with FP32;
-* anomaly maps: max and mean absolute error, relative to the FP32 map range over the set;
+* scores and anomaly maps: the errors of :mod:`fod.compare` (the one comparator, shared with the
+  export and engine parity checks): max and mean map error relative to the largest FP32 map value
+  over the set, NaN or infinite outputs counted;
 * detection: AUROC change against FP32, when labelled defects are given;
 * the calibrated threshold: verdict agreement (NG/OK) with FP32 at the FP32 threshold, and the
   variant's false alarms on the good images at that threshold (must not exceed FP32's).
@@ -26,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from calibration.reader import iter_batches
+from fod.compare import OutputComparator
 from fod.package import Calibration
 from fod.runner import Runner
 
@@ -37,8 +40,8 @@ class GateCriteria:
     Attributes:
         min_score_pearson: lowest Pearson correlation of image scores with FP32.
         min_score_spearman: lowest Spearman (rank) correlation of image scores with FP32.
-        max_map_error: highest max |map - map_fp32| / (FP32 map range).
-        max_mean_map_error: highest mean |map - map_fp32| / (FP32 map range).
+        max_map_error: highest ``map_max_rel_err`` of :mod:`fod.compare` (max |map - map_fp32| / max |map_fp32|).
+        max_mean_map_error: highest ``map_mean_rel_err`` (mean |map - map_fp32| / max |map_fp32|).
         max_auroc_drop: highest AUROC(FP32) - AUROC(variant), labelled defects only.
         min_verdict_agreement: lowest fraction of images with the same verdict at the FP32 threshold.
         max_extra_false_alarms: good images the variant may flag beyond those FP32 flags.
@@ -138,14 +141,10 @@ def run_gate(
     variant.activate()
     s32: list[np.ndarray] = []
     svar: list[np.ndarray] = []
-    max_err = 0.0
-    sum_err = 0.0
-    count = 0
-    map_min, map_max = math.inf, -math.inf
-    nonfinite = 0
+    comparator = OutputComparator()
+    noise = OutputComparator()
     rng = np.random.default_rng(0)
     s_noise: list[np.ndarray] = []
-    noise_err = 0.0
     for _, images in iter_batches(paths, fp32.image_size, batch_size):
         a = fp32.infer(images)
         b = variant.infer(images)
@@ -153,24 +152,18 @@ def run_gate(
             noisy = np.clip(images.astype(np.int16) + rng.integers(-1, 2, images.shape), 0, 255).astype(np.uint8)
             c = fp32.infer(noisy)
             s_noise.append(np.asarray(c.score, np.float64).reshape(-1))
-            noise_err += float(np.abs(np.asarray(c.anomaly_map, np.float64) - a.anomaly_map).sum())
-        m32 = np.asarray(a.anomaly_map, np.float64)
-        mv = np.asarray(b.anomaly_map, np.float64)
-        nonfinite += int(np.count_nonzero(~np.isfinite(mv)))
-        err = np.abs(np.nan_to_num(mv, nan=np.inf) - m32)
-        max_err = max(max_err, float(err.max()))
-        sum_err += float(np.minimum(err, 1e30).sum())
-        count += err.size
-        map_min, map_max = min(map_min, float(m32.min())), max(map_max, float(m32.max()))
+            noise.add(a.score, a.anomaly_map, c.score, c.anomaly_map)
+        comparator.add(a.score, a.anomaly_map, b.score, b.anomaly_map)
         s32.append(np.asarray(a.score, np.float64).reshape(-1))
         svar.append(np.asarray(b.score, np.float64).reshape(-1))
+    errors = comparator.result()
+    nonfinite = errors.nonfinite_map_values
     a32 = np.concatenate(s32)
     av_raw = np.concatenate(svar)
-    bad_scores = int(np.count_nonzero(~np.isfinite(av_raw)))
+    bad_scores = errors.nonfinite_scores
     # a NaN / inf score can never be trusted: rank it below every real score (never NG)
     floor = float(np.min(av_raw[np.isfinite(av_raw)])) - 1.0 if bad_scores < av_raw.size else -1.0
     av = np.where(np.isfinite(av_raw), av_raw, floor)
-    map_range = max(map_max - map_min, 1e-30)
     pearson, spearman = _correlations(a32, av)
     report = GateReport(precision=precision, criteria=asdict(criteria))
     m = report.metrics
@@ -181,15 +174,7 @@ def run_gate(
             "n_defect": len(defects),
             "score_pearson": pearson,
             "score_spearman": spearman,
-            "score_max_abs_error": float(np.max(np.abs(av - a32))) if a32.size else float("nan"),
-            "score_max_rel_error": float(np.max(np.abs(av - a32) / np.maximum(np.abs(a32), 1e-30)))
-            if a32.size
-            else float("nan"),
-            "map_range_fp32": map_range,
-            "map_max_error": max_err / map_range,
-            "map_mean_error": sum_err / max(count, 1) / map_range,
-            "nonfinite_map_values": nonfinite,
-            "nonfinite_scores": bad_scores,
+            **{k: v for k, v in errors.to_dict().items() if k not in ("n_images", "worst_image")},
         }
     )
     an = np.concatenate(s_noise) if s_noise else a32
@@ -198,7 +183,7 @@ def run_gate(
         m["fp32_noise_floor"] = {
             "score_pearson": n_pearson,
             "score_spearman": n_spearman,
-            "map_mean_error": noise_err / max(count, 1) / map_range,
+            "map_mean_rel_err": noise.result().map_mean_rel_err,
         }
 
     def check(ok: bool, line: str) -> None:
@@ -213,12 +198,12 @@ def run_gate(
         f"score Spearman {spearman:.4f} < {criteria.min_score_spearman}",
     )
     check(
-        m["map_max_error"] <= criteria.max_map_error,
-        f"max map error {m['map_max_error']:.4f} of the FP32 range > {criteria.max_map_error}",
+        m["map_max_rel_err"] <= criteria.max_map_error,
+        f"max map error {m['map_max_rel_err']:.4f} of the largest FP32 map value > {criteria.max_map_error}",
     )
     check(
-        m["map_mean_error"] <= criteria.max_mean_map_error,
-        f"mean map error {m['map_mean_error']:.5f} of the FP32 range > {criteria.max_mean_map_error}",
+        m["map_mean_rel_err"] <= criteria.max_mean_map_error,
+        f"mean map error {m['map_mean_rel_err']:.5f} of the largest FP32 map value > {criteria.max_mean_map_error}",
     )
     if good and defects:
         from sklearn.metrics import roc_auc_score

@@ -240,10 +240,10 @@ def compare_latency(
     intra_op_threads: int | None = None,
     providers: list[str] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Latency of several ONNX files on ONNX Runtime, timed interleaved by :func:`fod.bench.time_runners`.
+    """Latency of several ONNX files on ONNX Runtime, timed interleaved by :func:`fod.timing.time_runners`.
 
     Every round runs each model once on the same random ``[batch, H, W, 3]`` uint8 batch
-    (:func:`fod.bench.random_images`), so that load on a shared CPU hits all models alike; this is
+    (:func:`fod.timing.random_images`), so that load on a shared CPU hits all models alike; this is
     the same timing loop as ``fod bench``.
 
     Args:
@@ -256,7 +256,7 @@ def compare_latency(
         providers: ORT execution providers; None = best available.
 
     Returns:
-        label -> ``{onnx, provider}`` plus the fields of :class:`fod.bench.Timing` (``batch, calls,
+        label -> ``{onnx, provider}`` plus the fields of :class:`fod.timing.Timing` (``batch, calls,
         p50_ms, p95_ms, mean_ms, min_ms, max_ms, per_frame_ms, frames_per_s``; ms per call,
         ``per_frame_ms`` = p50 / batch).
 
@@ -266,8 +266,8 @@ def compare_latency(
     """
     from contextlib import ExitStack
 
-    from fod.bench import random_images, time_runners
     from fod.runner import OnnxRuntimeRunner
+    from fod.timing import random_images, time_runners
 
     images = random_images(batch, image_size)
     runners = {

@@ -178,14 +178,14 @@ def format_gate_report(precision: str, entry: dict[str, Any]) -> str:
         f"accuracy gate     : {verdict} on {m.get('n_images')} images "
         f"({m.get('n_good')} good, {m.get('n_defect')} defect; {entry.get('val_source', '?')})",
         f"score correlation : Pearson {_fmt(m.get('score_pearson'), 5)}, Spearman {_fmt(m.get('score_spearman'), 5)}",
-        f"anomaly map error : max {_pct(m.get('map_max_error'))}, mean {_pct(m.get('map_mean_error'))} "
-        f"of the FP32 map range ({_fmt(m.get('map_range_fp32'))})",
+        _map_error_line(m),
     ]
     nf = m.get("fp32_noise_floor")
     if nf:
+        noise_mean = nf.get("map_mean_rel_err", nf.get("map_mean_error"))  # old manifests: map_mean_error
         lines.append(
             f"noise floor       : FP32 vs FP32 on +-1 grey level noise: Pearson {_fmt(nf.get('score_pearson'), 5)}, "
-            f"Spearman {_fmt(nf.get('score_spearman'), 5)}, mean map error {_pct(nf.get('map_mean_error'))}"
+            f"Spearman {_fmt(nf.get('score_spearman'), 5)}, mean map error {_pct(noise_mean)}"
             + (f", AUROC change {nf['auroc_change']:+.4f}" if nf.get("auroc_change") is not None else "")
         )
     if "auroc_fp32" in m:
@@ -230,3 +230,16 @@ def format_gate_report(precision: str, entry: dict[str, Any]) -> str:
     for line in gate.get("skipped", []):
         lines.append(f"  skipped: {line}")
     return "\n".join(lines)
+
+
+def _map_error_line(m: dict[str, Any]) -> str:
+    """The map-error line of a gate report; reads manifests written before :mod:`fod.compare` too."""
+    if "map_max_rel_err" in m:
+        return (
+            f"anomaly map error : max {_pct(m.get('map_max_rel_err'))}, mean {_pct(m.get('map_mean_rel_err'))} "
+            f"of the largest FP32 map value ({_fmt(m.get('map_scale'))})"
+        )
+    return (  # manifests written before 0.2: relative to the FP32 map range
+        f"anomaly map error : max {_pct(m.get('map_max_error'))}, mean {_pct(m.get('map_mean_error'))} "
+        f"of the FP32 map range ({_fmt(m.get('map_range_fp32'))})"
+    )

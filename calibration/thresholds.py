@@ -296,7 +296,7 @@ def leave_one_out_far(
 
 
 def normalization_anchors(good_scores: np.ndarray, threshold: float) -> tuple[float, float]:
-    """``(norm_min, norm_max)`` for :func:`calibration.normalization.normalize_score`.
+    """``(norm_min, norm_max)`` for :func:`fod.normalization.normalize_score`.
 
     ``norm_min`` is the lowest good score (mapped to 0) and ``norm_max = threshold + (threshold -
     norm_min)`` (mapped to 1), so the normalised score has the same slope on both sides of 0.5 and

@@ -4,11 +4,9 @@ Works on any two :class:`fod.runner.Runner` objects. The builder runs it after e
 Runtime on the same ONNX variant as the reference, so the check measures the compiler, not the
 quantisation (the accuracy of a reduced-precision variant against FP32 is ``fod calibrate``'s gate).
 
-Errors are relative, because raw FOD scores have arbitrary units:
-
-- ``score_rel_err``: max over images of ``|s_cand - s_ref|`` divided by ``max |s_ref|``;
-- ``map_max_rel_err``: max over pixels of ``|m_cand - m_ref|`` divided by ``max |m_ref|``;
-- ``map_mean_rel_err``: mean over pixels of the same difference, divided by ``max |m_ref|``.
+The errors (``score_max_rel_err``, ``map_max_rel_err``, ``map_mean_rel_err``, ``score_max_abs_err``)
+are those of the one comparator, :mod:`fod.compare`, which also serves the export parity check and
+the accuracy gate of the reduced-precision variants.
 
 The tolerance per precision (:data:`TOLERANCES`) allows for TF32 in FP32 engines, half-precision
 accumulation in FP16 and INT8 kernels that round differently from ONNX Runtime's CPU Q/DQ emulation.
@@ -17,7 +15,6 @@ accumulation in FP16 and INT8 kernels that round differently from ONNX Runtime's
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from engine_build.errors import EngineBuildError
+from fod import compare as fod_compare
 from fod.preprocess import read_image, to_model_input
 from fod.runner import Runner
 
@@ -65,7 +63,8 @@ class ParityReport:
         precision: precision whose tolerance was applied.
         n_images: frames compared.
         reference, candidate: backend names of the two runners.
-        score_rel_err, map_max_rel_err, map_mean_rel_err: the measured relative errors.
+        score_max_rel_err, map_max_rel_err, map_mean_rel_err: the measured relative errors
+            (:class:`fod.compare.OutputErrors`; ``score_rel_err`` is the former name of the first).
         score_max_abs_err: largest absolute score difference (raw units).
         tolerance: the tolerance applied.
         failures: one line per violated limit (empty when passed).
@@ -77,13 +76,18 @@ class ParityReport:
     n_images: int
     reference: str
     candidate: str
-    score_rel_err: float
+    score_max_rel_err: float
     map_max_rel_err: float
     map_mean_rel_err: float
     score_max_abs_err: float
     tolerance: ParityTolerance
     failures: list[str] = field(default_factory=list)
     worst_image: int = 0
+
+    @property
+    def score_rel_err(self) -> float:
+        """Former name of :attr:`score_max_rel_err` (engine.json files written before 0.2 carry it)."""
+        return self.score_max_rel_err
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict for the engine manifest."""
@@ -96,13 +100,9 @@ class ParityReport:
         return (
             f"parity {self.candidate} vs {self.reference} ({self.precision}, {self.n_images} frames) "
             f"{verdict}: "
-            f"score {self.score_rel_err:.2e} (limit {t.score_rel:.0e}), map max {self.map_max_rel_err:.2e} "
+            f"score {self.score_max_rel_err:.2e} (limit {t.score_rel:.0e}), map max {self.map_max_rel_err:.2e} "
             f"(limit {t.map_max_rel:.0e}), map mean {self.map_mean_rel_err:.2e} (limit {t.map_mean_rel:.0e})"
         )
-
-
-def _rel(err: float, scale: float) -> float:
-    return err / scale if scale > 0 else (0.0 if err == 0 else math.inf)
 
 
 def compare_outputs(
@@ -140,42 +140,30 @@ def compare_outputs(
             f"parity: output shapes differ: {candidate} score {list(cand_scores.shape)} map "
             f"{list(cand_maps.shape)}, {reference} score {list(ref_scores.shape)} map {list(ref_maps.shape)}"
         )
-    ref_s, cand_s = ref_scores.astype(np.float64), cand_scores.astype(np.float64)
-    ref_m, cand_m = ref_maps.astype(np.float64), cand_maps.astype(np.float64)
+    errors = fod_compare.compare_outputs(ref_scores, ref_maps, cand_scores, cand_maps)
     failures: list[str] = []
-    if not (np.isfinite(cand_s).all() and np.isfinite(cand_m).all()):
+    if not errors.finite:
         failures.append(f"{candidate} produced NaN or infinite values")
-    with np.errstate(invalid="ignore"):
-        score_diff = np.abs(cand_s - ref_s)
-        map_diff = np.abs(cand_m - ref_m)
-    score_diff = np.nan_to_num(score_diff, nan=np.inf)
-    map_diff = np.nan_to_num(map_diff, nan=np.inf)
-    score_scale = float(np.abs(ref_s).max()) if ref_s.size else 0.0
-    map_scale = float(np.abs(ref_m).max()) if ref_m.size else 0.0
-    score_abs = float(score_diff.max()) if score_diff.size else 0.0
-    score_rel = _rel(score_abs, score_scale)
-    map_max_rel = _rel(float(map_diff.max()) if map_diff.size else 0.0, map_scale)
-    map_mean_rel = _rel(float(map_diff.mean()) if map_diff.size else 0.0, map_scale)
     for label, value, limit in (
-        ("score", score_rel, tolerance.score_rel),
-        ("map max", map_max_rel, tolerance.map_max_rel),
-        ("map mean", map_mean_rel, tolerance.map_mean_rel),
+        ("score", errors.score_max_rel_err, tolerance.score_rel),
+        ("map max", errors.map_max_rel_err, tolerance.map_max_rel),
+        ("map mean", errors.map_mean_rel_err, tolerance.map_mean_rel),
     ):
         if not value <= limit:
             failures.append(f"{label} relative error {value:.3e} > {limit:.0e}")
     return ParityReport(
         passed=not failures,
         precision=precision,
-        n_images=int(ref_s.shape[0]) if ref_s.ndim else 1,
+        n_images=errors.n_images,
         reference=reference,
         candidate=candidate,
-        score_rel_err=score_rel,
-        map_max_rel_err=map_max_rel,
-        map_mean_rel_err=map_mean_rel,
-        score_max_abs_err=score_abs,
+        score_max_rel_err=errors.score_max_rel_err,
+        map_max_rel_err=errors.map_max_rel_err,
+        map_mean_rel_err=errors.map_mean_rel_err,
+        score_max_abs_err=errors.score_max_abs_err,
         tolerance=tolerance,
         failures=failures,
-        worst_image=int(score_diff.argmax()) if score_diff.size else 0,
+        worst_image=errors.worst_image,
     )
 
 

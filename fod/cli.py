@@ -24,7 +24,7 @@ COMMANDS: dict[str, str] = {
     "calibrate": "calibration.cli_calibrate",
     "quantize": "calibration.cli_quantize",
     "build": "engine_build.cli",
-    "bench": "fod.bench",
+    "bench": "fod_tools.bench.models",
 }
 
 

@@ -22,6 +22,7 @@ import torch
 
 from fod import __version__
 from fod.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from fod.compare import compare_outputs
 from fod.errors import FodError
 from fod.model import FODModel
 from fod.package import (
@@ -97,12 +98,12 @@ def check_parity(model: FODModel, onnx_path: str | Path, images: np.ndarray) -> 
     with OnnxRuntimeRunner(onnx_path, size) as ort_runner:
         out = ort_runner.infer(images)
         alone = [ort_runner.infer(images[i : i + 1]) for i in range(min(4, len(images)))]
-    score_scale = max(float(np.abs(ref.score).max()), 1e-12)
-    map_scale = max(float(np.abs(ref.anomaly_map).max()), 1e-12)
-    score_err = float(np.abs(out.score - ref.score).max()) / score_scale
-    map_err = float(np.abs(out.anomaly_map - ref.anomaly_map).max()) / map_scale
+    errors = compare_outputs(ref.score, ref.anomaly_map, out.score, out.anomaly_map)
+    score_err, map_err = errors.score_max_rel_err, errors.map_max_rel_err
+    # batch invariance: each image alone against the same image in the batch (fod.compare's map error)
     batch_err = max(
-        float(np.abs(a.anomaly_map[0] - out.anomaly_map[i]).max()) / map_scale for i, a in enumerate(alone)
+        compare_outputs(out.score[i : i + 1], out.anomaly_map[i : i + 1], a.score, a.anomaly_map).map_max_rel_err
+        for i, a in enumerate(alone)
     )
     return {
         "images": len(images),

@@ -61,7 +61,7 @@ class Calibration(_Strict):
     """Score threshold and normalisation fitted on good images (written by ``fod calibrate``).
 
     The normalised score is piecewise linear through ``(norm_min, 0)``, ``(image_threshold, 0.5)``
-    and ``(norm_max, 1)``, clipped to [0, 1]: see :func:`calibration.normalization.normalize_score`.
+    and ``(norm_max, 1)``, clipped to [0, 1]: see :func:`fod.normalization.normalize_score`.
     """
 
     image_threshold: float = Field(description="raw image score at or above which a frame is NG")

@@ -94,3 +94,25 @@ def read_image(path: str, *, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
     if image is None:
         raise InputError(f"{path}: cannot decode the image (corrupt or not an image); replace or remove it")
     return image
+
+
+def crop_box(
+    image: np.ndarray, box: tuple[int, int, int, int] | None
+) -> tuple[tuple[int, int, int, int], np.ndarray] | None:
+    """Crop a region of interest, clipped to the image (the one ROI crop of the agent and the demo).
+
+    Args:
+        image: ``[H, W, ...]`` frame.
+        box: ``(x, y, width, height)`` in px; None = the whole frame. A box reaching past the frame
+            is clipped to it.
+
+    Returns:
+        ``(clipped box, view of the image)``, or None when fewer than 2 px remain in either direction.
+    """
+    height, width = image.shape[:2]
+    x, y, w, h = box if box is not None else (0, 0, width, height)
+    x0, y0 = min(x, width), min(y, height)
+    x1, y1 = min(x + w, width), min(y + h, height)
+    if x1 - x0 < 2 or y1 - y0 < 2:
+        return None
+    return (x0, y0, x1 - x0, y1 - y0), image[y0:y1, x0:x1]

@@ -1,4 +1,4 @@
-"""Inference runners with one interface for every backend, and the frame-level :class:`Predictor`.
+"""Inference runners with one interface for every backend.
 
 A runner executes the exported graph: ``image`` uint8 ``[N, H, W, 3]`` BGR in, ``anomaly_map``
 float32 ``[N, 1, H, W]`` and ``score`` float32 ``[N]`` out. It has an explicit lifecycle
@@ -16,11 +16,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import cv2
 import numpy as np
 
 from fod.errors import FodError, InputError
-from fod.preprocess import to_model_input
 
 
 @dataclass(frozen=True)
@@ -175,71 +173,3 @@ class OnnxRuntimeRunner(Runner):
 
     def _deactivate_impl(self) -> None:
         self._session = None
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """Result for one frame.
-
-    Attributes:
-        score: raw image score (float, arbitrary units; compare with the calibrated threshold).
-        anomaly_map: ``[h, w]`` float32 at the frame's resolution (bilinear from model resolution).
-        preprocess_ms, inference_ms, postprocess_ms: timings in ms (inference is per batch).
-    """
-
-    score: float
-    anomaly_map: np.ndarray
-    preprocess_ms: float
-    inference_ms: float
-    postprocess_ms: float
-
-
-class Predictor:
-    """Score BGR frames of any size with an active :class:`Runner`.
-
-    Args:
-        runner: any runner; activated on first use when it is not.
-
-    Example:
-        >>> with OnnxRuntimeRunner(pkg.onnx_path(), pkg.image_size) as runner:  # doctest: +SKIP
-        ...     prediction = Predictor(runner).predict(frame)
-    """
-
-    def __init__(self, runner: Runner) -> None:
-        self.runner = runner
-
-    def predict_batch(self, frames: list[np.ndarray], *, map_at_frame_size: bool = True) -> list[Prediction]:
-        """Score frames as one batch.
-
-        Args:
-            frames: BGR / grayscale uint8 images of any size (see :func:`fod.preprocess.as_bgr`).
-            map_at_frame_size: resize each anomaly map to its frame's size (else model size).
-
-        Returns:
-            One :class:`Prediction` per frame, in order.
-
-        Raises:
-            InputError: a frame is not a uint8 image.
-        """
-        if not frames:
-            return []
-        self.runner.activate()
-        t0 = time.perf_counter()
-        batch = np.stack([to_model_input(f, self.runner.image_size, source=f"frame {i}") for i, f in enumerate(frames)])
-        t1 = time.perf_counter()
-        out = self.runner.infer(batch)
-        t2 = time.perf_counter()
-        maps = []
-        for frame, amap in zip(frames, out.anomaly_map[:, 0]):
-            if map_at_frame_size and amap.shape != frame.shape[:2]:
-                amap = cv2.resize(amap, (frame.shape[1], frame.shape[0]), interpolation=cv2.INTER_LINEAR)
-            maps.append(amap)
-        post_ms = (time.perf_counter() - t2) * 1e3 / len(frames)
-        pre_ms = (t1 - t0) * 1e3 / len(frames)
-        return [
-            Prediction(float(s), m, pre_ms, out.inference_ms, post_ms) for s, m in zip(out.score.tolist(), maps)
-        ]
-
-    def predict(self, frame: np.ndarray) -> Prediction:
-        """Score one frame; see :meth:`predict_batch`."""
-        return self.predict_batch([frame])[0]

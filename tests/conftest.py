@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 
+from fod_tools.demo.broker import free_port
 from tests.toy_package import make_toy_package
+
+__all__ = ["free_port"]  # the one free-port helper, re-exported for the tests
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,13 +33,6 @@ def real_data() -> Path:
 def toy_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A valid model package (64x64) with the toy graph of tests/toy_package.py."""
     return make_toy_package(tmp_path_factory.mktemp("toy_pkg"))
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,6 @@ import json
 import os
 import re
 import shutil
-import socket
-import subprocess
 import threading
 import time
 import uuid
@@ -28,85 +26,20 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.conftest import free_port
+from fod_tools.demo.broker import MosquittoProcess
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
 
-class Mosquitto:
-    """A mosquitto broker process on ``127.0.0.1:<port>`` that can be stopped and restarted."""
-
-    host = "127.0.0.1"
+class Mosquitto(MosquittoProcess):
+    """A mosquitto broker on ``127.0.0.1:<free port>`` that can be stopped and restarted, logging connections."""
 
     def __init__(self, workdir: Path, *, persistence: bool = False, extra: list[str] | None = None) -> None:
-        self.workdir = workdir
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.log = workdir / "mosquitto.log"
-        self.conf = workdir / "mosquitto.conf"
-        lines = [
-            f"listener {self.port} 127.0.0.1",
-            *(extra or []),  # per-listener settings (TLS, password_file) follow the listener line
-            "allow_anonymous true",
-            f"persistence {'true' if persistence else 'false'}",
-            f"log_dest file {self.log}",
-            "log_type error",
-            "log_type warning",
-            "log_type notice",
-            "log_type information",
-            "connection_messages true",
-        ]
-        if (
-            os.geteuid() == 0
-        ):  # as root mosquitto drops to user "mosquitto", who cannot read pytest's tmp dirs
-            lines.append("user root")
-        if persistence:
-            lines += [f"persistence_location {workdir}/", "autosave_interval 1"]
-        self.conf.write_text("\n".join(lines) + "\n")
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def start(self, timeout_s: float = 10.0) -> None:
-        """Start (or restart) the broker on the same port and wait until it accepts connections."""
-        if self.running:
-            return
-        self.proc = subprocess.Popen(
-            [MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-                log = self.log.read_text(errors="replace") if self.log.exists() else ""
-                raise RuntimeError(f"mosquitto exited with {self.proc.returncode}: {err}\n{log}")
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.02)
-        self.stop()
-        raise RuntimeError(f"mosquitto did not listen on {self.host}:{self.port} within {timeout_s} s")
-
-    def stop(self, *, kill: bool = False) -> None:
-        """Stop the broker (SIGTERM, or SIGKILL with ``kill=True``) and wait for it to exit."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            if kill:
-                self.proc.kill()
-            else:
-                self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        if self.proc.stderr:
-            self.proc.stderr.close()
-        self.proc = None
+        options = [f"log_type {kind}" for kind in ("error", "warning", "notice", "information")]
+        options.append("connection_messages true")
+        if os.geteuid() == 0:  # as root mosquitto drops to user "mosquitto", who cannot read pytest's tmp dirs
+            options.append("user root")
+        super().__init__(workdir, persistence=persistence, listener_options=extra or (), options=options)
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,7 @@ def test_http_port_in_use_exits_1_naming_the_key(
 def test_demo_flag_without_the_demo_says_so(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setitem(sys.modules, "agent.demo", None)  # as if agent/demo were not installed
+    monkeypatch.setitem(sys.modules, "fod_tools.demo", None)  # as if fod_tools/demo were not installed
     assert main(["--demo"]) == 1
     assert "demo is not available" in capsys.readouterr().err
 

@@ -22,7 +22,8 @@ import pytest
 
 from agent.commands import CommandError, Pause, SetThreshold
 from agent.errors import BrokerError
-from agent.mqtt import MqttConfig, MqttLink, MqttTlsConfig, validate_topic_level
+from agent.mqtt.config import MqttConfig, MqttTlsConfig, validate_topic_level
+from agent.mqtt.link import MqttLink
 from agent.schemas import AlarmPayload, CameraStatePayload, LatencyMs, ResultPayload
 from tests.agent.conftest import Mosquitto, Subscriber
 
@@ -177,7 +178,8 @@ def test_online_status_with_info_and_clean_stop_publishes_offline(
 LINK_SCRIPT = """
 import sys, time
 from pathlib import Path
-from agent.mqtt import MqttConfig, MqttLink
+from agent.mqtt.config import MqttConfig
+from agent.mqtt.link import MqttLink
 cfg = MqttConfig(
     host="127.0.0.1", port=int(sys.argv[1]), topic_root=sys.argv[2],
     outbox_dir=Path(sys.argv[3]), keepalive_s=5,

@@ -10,8 +10,8 @@ import pytest
 
 import calibration.cli_quantize as cli_quantize
 from calibration.gate import GateCriteria
-from calibration.normalization import normalize_score
 from fod.cli import main
+from fod.normalization import normalize_score
 from fod.package import ModelPackage
 
 

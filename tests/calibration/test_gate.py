@@ -65,7 +65,7 @@ def test_identical_variant_passes_every_check(toy_fod_package_src, images):
     assert report.passed, report.failures
     m = report.metrics
     assert m["score_pearson"] == pytest.approx(1.0)
-    assert m["map_max_error"] == 0.0
+    assert m["map_max_rel_err"] == 0.0
     assert m["auroc_change"] == 0.0
     assert m["verdict_agreement"] == 1.0
     assert m["n_images"] == 52

@@ -10,7 +10,6 @@ import pytest
 from scipy import stats
 
 from calibration.errors import CalibrationDataError
-from calibration.normalization import normalize_score
 from calibration.thresholds import (
     evaluate_labelled,
     evaluate_pixels,
@@ -23,6 +22,7 @@ from calibration.thresholds import (
     normalization_anchors,
     robust_sigma,
 )
+from fod.normalization import normalize_score
 from fod.package import Calibration
 
 

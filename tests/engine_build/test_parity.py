@@ -43,7 +43,7 @@ def test_same_model_passes_every_precision(toy_package: Path, frames: np.ndarray
             batch_size=3,
         )
         assert report.passed, report.summary()
-        assert report.score_rel_err == 0.0
+        assert report.score_max_rel_err == 0.0
         assert report.map_max_rel_err == 0.0
         assert report.n_images == 8
         assert report.tolerance == TOLERANCES[precision]
@@ -110,7 +110,7 @@ def test_compare_outputs_zero_reference_and_shapes():
     assert same.passed  # all-zero reference: no division by zero
     off = compare_outputs(np.zeros(1, np.float32), zeros, np.ones(1, np.float32), zeros)
     assert not off.passed
-    assert off.score_rel_err == float("inf")
+    assert off.score_max_rel_err == float("inf")
     with pytest.raises(EngineBuildError, match="output shapes differ"):
         compare_outputs(np.zeros(2, np.float32), zeros, np.zeros(1, np.float32), zeros)
     with pytest.raises(EngineBuildError, match="no parity tolerance for precision 'bf16'"):

@@ -18,7 +18,8 @@ import pytest
 from engine_build.errors import EngineMismatchError, TensorRTUnavailableError
 from engine_build.parity import compare_runners, synthetic_frames
 from engine_build.runner import TensorRTRunner, batch_slices, tensorrt_available
-from fod.runner import OnnxRuntimeRunner, Predictor
+from fod.preprocess import to_model_input
+from fod.runner import OnnxRuntimeRunner
 from tests.engine_build import fake_trt
 from tests.engine_build.helpers import RUNTIME, copy_package, fake_engine
 
@@ -123,9 +124,9 @@ def test_backend_interface_predictor_and_other_thread(fake, pkg: Path):
     with TensorRTRunner(engine, SIZE) as runner:
         frame = np.full((90, 120, 3), 128, np.uint8)
         frame[10:30, 10:30] = 255
-        prediction = Predictor(runner).predict(frame)
-        assert prediction.anomaly_map.shape == (90, 120)
-        assert prediction.score == pytest.approx(127 / 128, abs=1e-3)
+        prediction = runner.infer(to_model_input(frame, SIZE)[None])
+        assert prediction.anomaly_map.shape == (1, 1, *SIZE)
+        assert float(prediction.score[0]) == pytest.approx(127 / 128, abs=1e-3)
         results = []
         worker = threading.Thread(target=lambda: results.append(runner.infer(synthetic_frames(SIZE, 2))))
         worker.start()

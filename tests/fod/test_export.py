@@ -13,7 +13,8 @@ import pytest
 from fod.cli import main
 from fod.errors import CheckpointError, InputError, PackageError
 from fod.package import MANIFEST_NAME, SCHEMA_VERSION, ModelPackage
-from fod.runner import OnnxRuntimeRunner, Predictor
+from fod.preprocess import to_model_input
+from fod.runner import OnnxRuntimeRunner
 from fod.torch_runner import TorchRunner
 from tests.fod.conftest import synthetic_good_images
 
@@ -63,19 +64,18 @@ def test_onnxruntime_matches_pytorch_and_is_batch_invariant(tiny_run: Path, tiny
     assert out.score.dtype == np.float32
 
 
-def test_predictor_takes_any_frame_size(tiny_fod_package: Path):
+def test_runner_takes_any_frame_size_through_to_model_input(tiny_fod_package: Path):
     pkg = ModelPackage(tiny_fod_package)
     with OnnxRuntimeRunner(pkg.onnx_path(), pkg.image_size) as runner:
-        predictor = Predictor(runner)
         gray = np.full((120, 200), 128, np.uint8)
-        p = predictor.predict(gray)
-        assert p.anomaly_map.shape == (120, 200)
-        assert np.isfinite(p.score)
-        assert p.inference_ms > 0
+        out = runner.infer(to_model_input(gray, pkg.image_size)[None])
+        assert out.anomaly_map.shape == (1, 1, *pkg.image_size)
+        assert np.isfinite(out.score).all()
+        assert out.inference_ms > 0
         with pytest.raises(InputError, match="uint8"):
-            predictor.predict(np.zeros((64, 64, 3), np.float32))
+            to_model_input(np.zeros((64, 64, 3), np.float32), pkg.image_size)
         with pytest.raises(InputError, match="channels"):
-            predictor.predict(np.zeros((64, 64, 2), np.uint8))
+            to_model_input(np.zeros((64, 64, 2), np.uint8), pkg.image_size)
 
 
 def test_edited_onnx_is_refused(tiny_fod_package: Path, tmp_path: Path):

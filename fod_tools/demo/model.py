@@ -3,7 +3,7 @@
 :func:`ensure_demo_package` returns the cached package folder when it is valid and was made with the
 current recipe (:data:`DEMO_RECIPE`); otherwise it builds one, with a progress bar:
 
-1. good frames from :class:`~agent.demo.conveyor.SyntheticConveyor` (no defects), cropped to the
+1. good frames from :class:`~fod_tools.demo.conveyor.SyntheticConveyor` (no defects), cropped to the
    demo's region of interest and passed through :func:`fod.preprocess.to_model_input`;
 2. :func:`fod.train.train_model` + :func:`fod.checkpoint.save_checkpoint` (needs torch: the
    ``train`` extra);
@@ -33,9 +33,9 @@ from typing import Any
 import cv2
 import numpy as np
 
-from agent.demo.conveyor import SyntheticConveyor
 from agent.errors import AgentError
-from fod.preprocess import to_model_input
+from fod.preprocess import crop_box, to_model_input
+from fod_tools.demo.conveyor import SyntheticConveyor
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +124,15 @@ def roi_box(recipe: DemoRecipe = DEMO_RECIPE) -> tuple[int, int, int, int]:
 
 
 def crop_roi(frame: np.ndarray, roi_px: tuple[int, int, int, int]) -> np.ndarray:
-    """``frame[y:y+h, x:x+w]`` for ``roi_px = (x, y, w, h)`` (a view, no copy)."""
-    x, y, w, h = roi_px
-    return frame[y : y + h, x : x + w]
+    """The ROI of ``roi_px = (x, y, w, h)``, clipped to the frame as the agent does (a view, no copy).
+
+    Raises:
+        ValueError: fewer than 2 px of the ROI lie inside the frame.
+    """
+    cropped = crop_box(frame, roi_px)
+    if cropped is None:
+        raise ValueError(f"ROI {roi_px} lies outside the {frame.shape[1]}x{frame.shape[0]} frame")
+    return cropped[1]
 
 
 def cached_package(recipe: DemoRecipe = DEMO_RECIPE, root: Path | None = None) -> Path | None:
@@ -291,7 +297,7 @@ def _train(
     record["data"] = {
         "count": len(images),
         "sha256": digest.hexdigest(),
-        "root": f"synthetic conveyor (agent.demo.conveyor, seed {recipe.seed}, roi {list(recipe.roi_px)})",
+        "root": f"synthetic conveyor (fod_tools.demo.conveyor, seed {recipe.seed}, roi {list(recipe.roi_px)})",
     }
     save_checkpoint(run_dir, model, record)
 
@@ -371,14 +377,14 @@ def _calibrate(pkg_dir: Path, recipe: DemoRecipe, work: Path, *, progress: bool)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m agent.demo.model [--rebuild] [--cache DIR]``: build the demo package and say how good it is.
+    """``python -m fod_tools.demo.model [--rebuild] [--cache DIR]``: build the demo package and say how good it is.
 
     Returns:
         0, or 1 when the package cannot be built (the reason is printed).
     """
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m agent.demo.model", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m fod_tools.demo.model", description=main.__doc__)
     parser.add_argument("--rebuild", action="store_true", help="delete the cached package and build it again")
     parser.add_argument("--cache", type=Path, default=None, help="cache folder (default: $FOD_CACHE_DIR/demo)")
     args = parser.parse_args(argv)

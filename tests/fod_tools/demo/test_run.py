@@ -9,9 +9,9 @@ import pytest
 
 from agent.cli import build_parser, main
 from agent.config import load_config
-from agent.demo.broker import BrokerInfo
-from agent.demo.model import DEMO_RECIPE, cached_package
-from agent.demo.run import CAMERA, demo_overrides
+from fod_tools.demo.broker import BrokerInfo
+from fod_tools.demo.model import DEMO_RECIPE, cached_package
+from fod_tools.demo.run import CAMERA, demo_overrides
 from tests.conftest import free_port
 
 pytest.importorskip("amqtt.broker", reason="amqtt not installed: pip install 'fod-agent[demo]'")

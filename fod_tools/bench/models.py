@@ -14,7 +14,7 @@ Two parts, one run:
    load from other processes on a shared machine hits all of them alike; warm-up calls are not
    timed. Reported per call: p50 / p95 / mean / min in ms, ms per frame (p50 / batch) and frames/s
    (batch x calls / total time). Then the latency ratios ONNX Runtime / PyTorch and variant / FP32.
-2. **End-to-end agent** (:mod:`agent.bench`): the real :class:`agent.pipeline.Agent` against an
+2. **End-to-end agent** (:mod:`fod_tools.bench.agent`): the real :class:`agent.pipeline.Agent` against an
    MQTT broker, with capture->publish latency, sustained FPS, the agent / bare-backend throughput
    ratio, frame age and drops when the source outruns the model, and resident memory over a long run.
 
@@ -35,7 +35,6 @@ import math
 import os
 import platform
 import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,10 +42,12 @@ from typing import Any
 
 import numpy as np
 
+from agent.backends import tensorrt_status
 from fod import __version__
 from fod.errors import InputError
 from fod.package import VARIANT_FILES, ModelPackage
 from fod.runner import OnnxRuntimeRunner, Runner
+from fod.timing import random_images, time_runners
 
 log = logging.getLogger(__name__)
 
@@ -56,110 +57,6 @@ BENCH_SCHEMA_VERSION = 1
 DEFAULT_BATCH = 8
 DEFAULTS = {"repeats": 30, "warmup": 3, "frames": 500, "long_frames": 10_000}
 QUICK = {"repeats": 5, "warmup": 1, "frames": 60, "long_frames": 300}
-
-
-# ---------------------------------------------------------------------------------------------- timing
-
-
-@dataclass(frozen=True)
-class Timing:
-    """Summary of the timed calls of one backend at one batch size.
-
-    Attributes:
-        batch: images per call.
-        calls: timed calls (warm-up calls excluded).
-        p50_ms, p95_ms, mean_ms, min_ms, max_ms: wall time per call, ms.
-        per_frame_ms: ``p50_ms / batch``, ms per image.
-        frames_per_s: ``batch * calls / sum(call times)``, images per second.
-    """
-
-    batch: int
-    calls: int
-    p50_ms: float
-    p95_ms: float
-    mean_ms: float
-    min_ms: float
-    max_ms: float
-    per_frame_ms: float
-    frames_per_s: float
-
-
-def percentile_ms(values: Sequence[float] | np.ndarray, q: float) -> float:
-    """The ``q``-th percentile (0..100, linear interpolation) of ``values``, rounded to µs; NaN when empty."""
-    array = np.asarray(values, dtype=np.float64)
-    array = array[np.isfinite(array)]
-    return round(float(np.percentile(array, q)), 3) if array.size else math.nan
-
-
-def summarize_times(times_ms: Sequence[float] | np.ndarray, batch: int) -> Timing:
-    """Summarise per-call wall times.
-
-    Args:
-        times_ms: one wall time per timed call, ms (at least one).
-        batch: images per call.
-
-    Returns:
-        :class:`Timing`.
-
-    Raises:
-        InputError: no times, or a batch below 1.
-    """
-    t = np.asarray(times_ms, dtype=np.float64)
-    if t.size == 0 or batch < 1:
-        raise InputError(f"summarize_times: need at least one time and batch >= 1 (got {t.size} times, batch {batch})")
-    p50 = float(np.median(t))
-    return Timing(
-        batch=batch,
-        calls=int(t.size),
-        p50_ms=round(p50, 3),
-        p95_ms=round(float(np.percentile(t, 95)), 3),
-        mean_ms=round(float(t.mean()), 3),
-        min_ms=round(float(t.min()), 3),
-        max_ms=round(float(t.max()), 3),
-        per_frame_ms=round(p50 / batch, 4),
-        frames_per_s=round(1e3 * batch * t.size / float(t.sum()), 2),
-    )
-
-
-def time_runners(
-    runners: Mapping[str, Runner], images: np.ndarray, *, repeats: int, warmup: int = 2
-) -> dict[str, Timing]:
-    """Time active runners on the same batch, interleaved (one call of each per round).
-
-    Interleaving spreads load from other processes evenly over the runners, so that their ratios
-    stay meaningful on a shared machine. Warm-up calls (``warmup`` per runner, first) are not timed.
-
-    Args:
-        runners: label -> an *active* :class:`fod.runner.Runner`.
-        images: ``[B, H, W, 3]`` uint8 BGR at the runners' image size.
-        repeats: timed calls per runner (``>= 1``).
-        warmup: untimed calls per runner before timing.
-
-    Returns:
-        label -> :class:`Timing` (wall time of ``runner.infer`` per call, input check included).
-
-    Raises:
-        InputError: ``repeats < 1`` or images of the wrong shape (from the runner).
-        FodError: a runner is not active or fails.
-    """
-    if repeats < 1:
-        raise InputError(f"repeats must be >= 1, got {repeats}")
-    for _ in range(max(0, warmup)):
-        for runner in runners.values():
-            runner.infer(images)
-    times: dict[str, list[float]] = {label: [] for label in runners}
-    for _ in range(repeats):
-        for label, runner in runners.items():
-            start = time.perf_counter()
-            runner.infer(images)
-            times[label].append((time.perf_counter() - start) * 1e3)
-    return {label: summarize_times(t, len(images)) for label, t in times.items()}
-
-
-def random_images(batch: int, image_size: tuple[int, int], seed: int = 0) -> np.ndarray:
-    """``[batch, H, W, 3]`` uint8 random images (the benchmark input; FOD's cost does not depend on content)."""
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, size=(batch, image_size[0], image_size[1], 3), dtype=np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------- machine
@@ -226,7 +123,7 @@ def machine_info() -> dict[str, Any]:
         providers = list(ort.get_available_providers())
     except ImportError:
         pass
-    trt_ok, trt_reason = _tensorrt_status()
+    trt_ok, trt_reason = tensorrt_status()
     return {
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
@@ -247,18 +144,6 @@ def machine_info() -> dict[str, Any]:
         "onnxruntime_providers": providers,
         "tensorrt": {"available": trt_ok, "detail": trt_reason},
     }
-
-
-def _tensorrt_status() -> tuple[bool, str]:
-    try:
-        from engine_build.runner import tensorrt_available
-    except ImportError as exc:
-        return False, f"engine_build.runner cannot be imported: {exc}"
-    try:
-        ok, reason = tensorrt_available()
-        return bool(ok), str(reason)
-    except Exception as exc:  # contract of tensorrt_available is never to raise; stay safe anyway
-        return False, f"tensorrt_available() failed: {exc}"
 
 
 # ---------------------------------------------------------------------------------------------- model part
@@ -328,7 +213,7 @@ def model_candidates(
                 lambda p=path: OnnxRuntimeRunner(p, package.image_size, intra_op_threads=threads),  # type: ignore[misc]
             )
         )
-    trt_ok, trt_reason = _tensorrt_status()
+    trt_ok, trt_reason = tensorrt_status()
     if not trt_ok:
         skipped.append({"backend": "tensorrt", "precision": "*", "reason": trt_reason})
     else:
@@ -864,15 +749,15 @@ def _json_default(value: Any) -> Any:
 
 
 def _run_agent_part(args: argparse.Namespace, *, frames: int, long_frames: int) -> dict[str, Any]:
-    """Run :func:`agent.bench.bench_agent`.
+    """Run :func:`fod_tools.bench.agent.bench_agent`.
 
     Returns:
         Its report; ``{"skipped": reason}`` when the agent cannot be imported here (a missing
         dependency), ``{"error": message}`` when the agent part failed (no broker, package refused).
     """
     try:
-        from agent.bench import AgentBenchSettings, bench_agent
         from agent.errors import AgentError
+        from fod_tools.bench.agent import AgentBenchSettings, bench_agent
     except ImportError as exc:
         return {"skipped": f"the agent cannot be imported here: {exc}"}
     settings = AgentBenchSettings(

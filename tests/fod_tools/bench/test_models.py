@@ -2,7 +2,7 @@
 
 Speed is not asserted (no timed tests): the checks are the report's structure, that every number
 is finite and positive, and the arithmetic of the summaries and ratios. The agent part runs in
-tests/agent/test_bench.py against a real mosquitto.
+tests/fod_tools/bench/test_agent.py against a real mosquitto.
 """
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fod.bench import format_report, latency_ratios, machine_info, summarize_times, time_runners
 from fod.cli import main
 from fod.errors import InputError
 from fod.package import ModelPackage, sha256_file
 from fod.runner import OnnxRuntimeRunner
+from fod.timing import summarize_times, time_runners
+from fod_tools.bench.models import format_report, latency_ratios, machine_info
 
 TIMING_KEYS = {"batch", "calls", "p50_ms", "p95_ms", "mean_ms", "min_ms", "max_ms", "per_frame_ms", "frames_per_s"}
 

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.bench import (
+from fod.cli import main
+from fod_tools.bench.agent import (
     CAPTURE_TS,
     NG,
     RECV,
@@ -28,8 +29,7 @@ from agent.bench import (
     rss_mib,
     scored_per_s,
 )
-from agent.demo.broker import probe_mqtt
-from fod.cli import main
+from fod_tools.demo.broker import probe_mqtt
 from tests.agent.conftest import Mosquitto
 from tests.conftest import free_port
 from tests.toy_package import calibrated_copy

@@ -9,9 +9,9 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.demo import broker as broker_mod
-from agent.demo.broker import ensure_broker, probe_mqtt
 from agent.errors import BrokerError
+from fod_tools.demo import broker as broker_mod
+from fod_tools.demo.broker import ensure_broker, probe_mqtt
 from tests.conftest import free_port
 
 pytest.importorskip("amqtt.broker", reason="amqtt not installed: pip install 'fod-agent[demo]'")

@@ -50,11 +50,11 @@ from agent.capture import IMAGE_SUFFIXES
 from agent.cli import apply_broker
 from agent.config import AgentConfig, load_config
 from agent.errors import AgentError, BrokerError
-from agent.mqtt import MqttConfig
+from agent.mqtt.config import MqttConfig
 from agent.pipeline import Agent
-from fod.bench import percentile_ms, time_runners
 from fod.errors import FodError
 from fod.preprocess import read_image, to_model_input
+from fod.timing import percentile_ms, time_runners
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class AgentBenchSettings:
         backend: ``auto``, ``onnxruntime`` or ``tensorrt``.
         threads: ONNX Runtime intra-op threads; None = all cores.
         broker: ``mqtt://host:port`` of a running broker; None starts one on a free loopback port.
-        source_dir: images to replay; None = frames of :class:`agent.demo.conveyor.SyntheticConveyor`.
+        source_dir: images to replay; None = frames of :class:`fod_tools.demo.conveyor.SyntheticConveyor`.
         frame_size: ``(height, width)`` of the synthetic frames in px.
         pool_size: frames held in memory and cycled through.
         latency_factor: source rate of the latency run, as a multiple of the sustained FPS.
@@ -163,7 +163,7 @@ class MemoryReplay:
 
 def synthetic_frames(n: int, frame_size: tuple[int, int], *, stride: int = 9) -> list[np.ndarray]:
     """``n`` frames of the synthetic conveyor (every ``stride``-th, for variety), ``[H, W, 3]`` uint8 BGR."""
-    from agent.demo.conveyor import SyntheticConveyor
+    from fod_tools.demo.conveyor import SyntheticConveyor
 
     conveyor = SyntheticConveyor(frame_size[1], frame_size[0], seed=0)
     frames = []
@@ -585,7 +585,7 @@ def _broker(url: str | None, say: Callable[[str], None]) -> Iterator[tuple[str, 
     if url is not None:
         yield "given", url
         return
-    from agent.demo.broker import ensure_broker
+    from fod_tools.demo.broker import ensure_broker
 
     stack = contextlib.ExitStack()
     with stack:

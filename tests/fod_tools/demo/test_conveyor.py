@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from agent.demo.conveyor import DEFECT_KINDS, SyntheticConveyor
+from fod_tools.demo.conveyor import DEFECT_KINDS, SyntheticConveyor
 
 
 def _frames(conveyor: SyntheticConveyor, n: int) -> list[np.ndarray]:

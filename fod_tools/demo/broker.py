@@ -25,7 +25,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -282,33 +282,119 @@ def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
         loop.close()
 
 
+class MosquittoProcess:
+    """mosquitto as a child process on ``host:port``, configured in ``workdir``; stop and restart on the same port.
+
+    The one mosquitto launcher: the demo's fallback broker and the tests' broker fixtures use it.
+
+    Args:
+        workdir: folder of ``mosquitto.conf`` and ``mosquitto.log`` (and the persistence file).
+        host: address to listen on.
+        port: TCP port; None = a free one.
+        persistence: keep sessions and retained messages across :meth:`stop` / :meth:`start`.
+        listener_options: configuration lines of the listener (TLS, ``password_file``...).
+        options: further configuration lines (log types...).
+        executable: the mosquitto binary; None = found on ``PATH`` or in ``/usr/sbin``.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        persistence: bool = False,
+        listener_options: Sequence[str] = (),
+        options: Sequence[str] = (),
+        executable: str | None = None,
+    ) -> None:
+        self.executable = executable or _find_mosquitto() or "/usr/sbin/mosquitto"
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.host = host
+        self.port = free_port(host) if port is None else port
+        self.log = workdir / "mosquitto.log"
+        self.conf = workdir / "mosquitto.conf"
+        lines = [
+            f"listener {self.port} {host}",
+            *listener_options,  # per-listener settings (TLS, password_file) follow the listener line
+            "allow_anonymous true",
+            f"persistence {'true' if persistence else 'false'}",
+            f"log_dest file {self.log}",
+            *options,
+        ]
+        if persistence:
+            lines += [f"persistence_location {workdir}/", "autosave_interval 1"]
+        self.conf.write_text("\n".join(lines) + "\n")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def running(self) -> bool:
+        """True while the child process runs."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        """Start (or restart) the broker on the same port and wait until it accepts connections.
+
+        Raises:
+            BrokerError: it exited, or did not listen within ``timeout_s`` (with its log).
+        """
+        if self.running:
+            return
+        self.proc = subprocess.Popen(
+            [self.executable, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                raise BrokerError(
+                    f"mosquitto ({self.executable}) exited with {self.proc.returncode} instead of listening on "
+                    f"{self.host}:{self.port}: {err.strip()} {self._log_tail()}"
+                )
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.02)
+        self.stop()
+        raise BrokerError(
+            f"mosquitto ({self.executable}) did not accept connections on {self.host}:{self.port} within "
+            f"{timeout_s} s; {self._log_tail()}"
+        )
+
+    def stop(self, *, kill: bool = False) -> None:
+        """Stop the broker (SIGTERM, or SIGKILL with ``kill=True``) and wait for it to exit."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            if kill:
+                self.proc.kill()
+            else:
+                self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        if self.proc.stderr:
+            self.proc.stderr.close()
+        self.proc = None
+
+    def _log_tail(self) -> str:
+        tail = self.log.read_text(errors="replace")[-500:].strip() if self.log.exists() else ""
+        return f"its log: {tail or '(empty)'}"
+
+
 @contextlib.contextmanager
 def _mosquitto_broker(executable: str, host: str, port: int, *, start_timeout_s: float) -> Iterator[None]:
     """Run mosquitto as a child process with a throw-away configuration."""
     with tempfile.TemporaryDirectory(prefix="fod-demo-mosquitto-") as tmp:
-        conf = Path(tmp) / "mosquitto.conf"
-        logfile = Path(tmp) / "mosquitto.log"
-        conf.write_text(
-            f"listener {port} {host}\nallow_anonymous true\npersistence false\nlog_dest file {logfile}\n"
-        )
-        proc = subprocess.Popen(
-            [executable, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+        broker = MosquittoProcess(Path(tmp), host=host, port=port, executable=executable)
         try:
-            alive = lambda: proc.poll() is None  # noqa: E731
-            if not _wait_until_mqtt(host, port, time.monotonic() + start_timeout_s, alive):
-                tail = logfile.read_text(errors="replace")[-500:] if logfile.exists() else ""
-                raise BrokerError(
-                    f"mosquitto ({executable}) did not accept connections on {host}:{port} within "
-                    f"{start_timeout_s} s (exit code {proc.poll()}); its log: {tail.strip() or '(empty)'}"
-                )
+            broker.start(start_timeout_s)
             log.info("embedded MQTT broker (mosquitto) listening on %s:%d", host, port)
             yield
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5.0)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5.0)
+            broker.stop()
             log.info("embedded MQTT broker (mosquitto) on %s:%d stopped", host, port)

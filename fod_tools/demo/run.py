@@ -3,10 +3,10 @@
 :func:`run_demo` does, in order:
 
 1. the demo model: the cached package, or a new one trained on synthetic good parts
-   (:func:`agent.demo.model.ensure_demo_package`, with progress bars); ``--model PKG_DIR`` skips it;
+   (:func:`fod_tools.demo.model.ensure_demo_package`, with progress bars); ``--model PKG_DIR`` skips it;
 2. the broker: the one listening on ``--broker`` (default ``mqtt://127.0.0.1:1883``), or an embedded
-   one (:func:`agent.demo.broker.ensure_broker`);
-3. the agent (:class:`agent.pipeline.Agent`) on a :class:`~agent.demo.conveyor.SyntheticConveyor`
+   one (:func:`fod_tools.demo.broker.ensure_broker`);
+3. the agent (:class:`agent.pipeline.Agent`) on a :class:`~fod_tools.demo.conveyor.SyntheticConveyor`
    that emulates a triggered camera (one frame per part, 5 parts/s), scoring the ROI around the
    part with the demo package and publishing on ``fod/demo/line1/<agent_id>/...``; every part is
    judged on its own (``decision.debounce_n = debounce_m = 1``);
@@ -38,10 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.demo.broker import BrokerInfo, ensure_broker
-from agent.demo.conveyor import SyntheticConveyor
-from agent.demo.model import DEMO_RECIPE, DemoRecipe, cache_dir, demo_conveyor, ensure_demo_package, roi_box
 from agent.errors import AgentError, ConfigError
+from fod_tools.demo.broker import BrokerInfo, ensure_broker, free_port
+from fod_tools.demo.conveyor import SyntheticConveyor
+from fod_tools.demo.model import DEMO_RECIPE, DemoRecipe, cache_dir, demo_conveyor, ensure_demo_package, roi_box
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def demo_overrides(
         pkg: the model package.
         broker: the broker in use.
         recipe: the demo recipe (its ROI becomes the camera's ROI).
-        root: demo cache folder; None = :func:`agent.demo.model.cache_dir`.
+        root: demo cache folder; None = :func:`fod_tools.demo.model.cache_dir`.
 
     Returns:
         Overrides for :func:`agent.config.load_config`.
@@ -137,7 +137,7 @@ def demo_overrides(
     if getattr(args, "config", None) is None:
         overrides.setdefault("http.host", "127.0.0.1")
     if "http.port" not in overrides:
-        overrides["http.port"] = DEFAULT_HTTP_PORT if _port_free(DEFAULT_HTTP_PORT) else _free_port()
+        overrides["http.port"] = DEFAULT_HTTP_PORT if _port_free(DEFAULT_HTTP_PORT) else free_port()
     return overrides
 
 
@@ -472,12 +472,6 @@ def _port_free(port: int, host: str = "127.0.0.1") -> bool:
         except OSError:
             return False
     return True
-
-
-def _free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def _url_host(host: str) -> str:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 
-from agent.demo.model import DEMO_RECIPE, DemoRecipe, cached_package, describe_quality
 from fod.package import Calibration, ModelPackage
+from fod_tools.demo.model import DEMO_RECIPE, DemoRecipe, cached_package, describe_quality
 
 
 def _cached_copy(toy_package, root, *, calibrated=True, key=None):

@@ -1,0 +1,136 @@
+"""State shared by the parts of :class:`agent.mqtt.link.MqttLink`, its metrics and its publishing primitives.
+
+The link is one object assembled from one module per concept: this base (state, metrics, the
+``_publish`` primitive), :mod:`agent.mqtt.publishers` (the public ``publish_*`` API, called from
+the agent's threads), :mod:`agent.mqtt.session` (the connection supervisor thread) and
+:mod:`agent.mqtt.commands` (the command thread). ``_client`` is the live paho client or None;
+it is swapped only by the supervisor, under ``_lock``; paho callbacks never take ``_lock``.
+"""
+
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+import time
+from typing import Literal
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import MQTTErrorCode
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from agent import __version__
+from agent.mqtt.commands import CommandQueue
+from agent.mqtt.config import MqttConfig, validate_topic_level
+from agent.outbox import Outbox
+from agent.schemas import (
+    CameraStatePayload,
+    StatusPayload,
+)
+
+log = logging.getLogger("agent.mqtt")
+
+
+
+class LinkState:
+    """Attributes shared by the link's parts (set by :meth:`agent.mqtt.link.MqttLink.__init__`)."""
+
+    config: MqttConfig
+    agent_id: str
+    client_id: str
+    root: str
+    status_topic: str
+    command_filter: str
+    response_topic: str
+    connected: threading.Event
+    _lock: threading.RLock
+    _wake: threading.Event
+    _stopping: threading.Event
+    _stop_deadline: float
+    _client: mqtt.Client | None
+    _states: dict[str, CameraStatePayload]
+    _backend: str | None
+    _model: str | None
+    _result_counts: dict[tuple[str, str], int]
+    _image_last: dict[tuple[str, str], float]
+    _sessions: int
+    _password: str | None
+    _ssl_context: ssl.SSLContext | None
+    _outbox: Outbox
+    _commands: CommandQueue
+
+    def _init_metrics(self, registry: CollectorRegistry | None) -> None:
+        reg = registry if registry is not None else CollectorRegistry()
+        self.registry = reg
+        self._m_connected = Gauge(
+            "fod_mqtt_connected", "1 while connected to the MQTT broker, else 0", registry=reg
+        )
+        self._m_reconnects = Counter(
+            "fod_mqtt_reconnects_total",
+            "Connections to the broker established after the first one",
+            registry=reg,
+        )
+        self._m_published = Counter(
+            "fod_mqtt_messages_published_total",
+            "MQTT messages handed to the connection (alarms: counted when acknowledged)",
+            ["kind"],
+            registry=reg,
+        )
+        self._m_dropped = Counter(
+            "fod_mqtt_messages_dropped_total",
+            "Messages not published: reason=disconnected (results, images) or rate_limit (images)",
+            ["kind", "reason"],
+            registry=reg,
+        )
+        self._m_commands = Counter(
+            "fod_mqtt_commands_total", "Commands received, by result (ok | error)", ["result"], registry=reg
+        )
+        self._m_depth = Gauge(
+            "fod_alarm_outbox_depth", "Alarms in the on-disk outbox not yet acknowledged", registry=reg
+        )
+        self._m_outbox_dropped = Counter(
+            "fod_alarm_outbox_dropped_total",
+            "Oldest alarms dropped because the outbox was full",
+            registry=reg,
+        )
+        self._m_alarms = Counter(
+            "fod_alarms_total", "Alarms raised, by new state (NG | OK)", ["state"], registry=reg
+        )
+
+    @staticmethod
+    def _check_camera(camera: str, in_payload: str) -> None:
+        validate_topic_level(camera)
+        if camera != in_payload:
+            raise ValueError(f"camera {camera!r} differs from the payload's camera {in_payload!r}")
+
+    def _publish(
+        self, client: mqtt.Client, topic: str, payload: bytes, qos: int, retain: bool, kind: str
+    ) -> bool:
+        info = client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self._m_published.labels(kind).inc()
+            return True
+        self._m_dropped.labels(kind, "disconnected").inc()
+        return False
+
+    def _status_payload(self, state: Literal["online", "offline"]) -> StatusPayload:
+        return StatusPayload(
+            agent_id=self.agent_id,
+            state=state,
+            ts=time.time(),
+            version=__version__,
+            backend=self._backend,
+            model=self._model,
+        )
+
+    def _publish_status(self, client: mqtt.Client, state: Literal["online", "offline"]) -> bool:
+        return self._publish(
+            client, self.status_topic, self._status_payload(state).to_json(), 1, True, "status"
+        )
+
+    def _publish_state(self, client: mqtt.Client, camera: str, state: CameraStatePayload) -> bool:
+        return self._publish(
+            client, f"{self.root}/{camera}/state", state.to_json(), self.config.qos_state, True, "state"
+        )
+

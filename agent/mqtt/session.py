@@ -1,0 +1,223 @@
+"""The connection supervisor: one thread that connects, reconnects with capped exponential back-off,
+republishes status and camera states on every connection and delivers the alarm outbox in order.
+"""
+
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+
+from agent.mqtt.base import LinkState
+
+log = logging.getLogger("agent.mqtt")
+
+ALARM_WINDOW = 20
+"""Most alarms handed to the connection and not yet acknowledged."""
+CONNECT_TIMEOUT_S = 5.0
+"""TCP/TLS connect and CONNACK wait per attempt (s)."""
+
+
+class _Session:
+    """Per-connection state shared with paho's callbacks (events only)."""
+
+    def __init__(self) -> None:
+        self.connack = threading.Event()
+        self.reason: Any = None
+        self.lost = threading.Event()
+        self.lost_reason: Any = None
+
+
+
+class Supervisor(LinkState):
+    """Connection supervisor of :class:`agent.mqtt.link.MqttLink` (runs in the ``mqtt-link-*`` thread)."""
+
+    def _new_client(self, session: _Session) -> mqtt.Client:
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            clean_session=True,
+            reconnect_on_failure=False,
+        )
+        client.connect_timeout = CONNECT_TIMEOUT_S
+        client.max_inflight_messages_set(ALARM_WINDOW + 80)
+        client.max_queued_messages_set(1000)
+        client.enable_logger(logging.getLogger("agent.mqtt.paho"))
+        if self.config.username is not None:
+            client.username_pw_set(self.config.username, self._password)
+        if self._ssl_context is not None:
+            client.tls_set_context(self._ssl_context)
+        with self._lock:
+            will = self._status_payload("offline").to_json()
+        client.will_set(self.status_topic, will, qos=1, retain=True)
+
+        def on_connect(c: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+            session.reason = reason
+            session.connack.set()
+
+        def on_disconnect(c: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+            session.lost_reason = reason
+            session.lost.set()
+            session.connack.set()
+            self._wake.set()
+
+        def on_publish(c: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+            self._wake.set()
+
+        def on_message(c: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+            try:
+                self._commands.offer(c, message)
+            except Exception:  # never let an exception end paho's network thread
+                log.exception("error while handling MQTT message on %s", message.topic)
+
+        client.on_connect = on_connect
+        client.on_disconnect = on_disconnect
+        client.on_publish = on_publish
+        client.on_message = on_message
+        return client
+
+    def _connect(self, client: mqtt.Client, session: _Session) -> str | None:
+        """Connect and wait for CONNACK; return None on success, else the reason."""
+        try:
+            client.connect(self.config.host, self.config.port, keepalive=self.config.keepalive_s)
+        except (OSError, ValueError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+        client.loop_start()
+        if not session.connack.wait(CONNECT_TIMEOUT_S) or session.reason is None:
+            return f"no CONNACK within {CONNECT_TIMEOUT_S} s"
+        if session.reason.is_failure:
+            hint = ""
+            if "authori" in str(session.reason).lower() or "password" in str(session.reason).lower():
+                hint = " (check mqtt.username and the variable named by mqtt.password_env)"
+            return f"broker refused the connection: {session.reason}{hint}"
+        return None
+
+    @staticmethod
+    def _teardown(client: mqtt.Client) -> None:
+        try:
+            client.disconnect()
+        finally:
+            client.loop_stop()
+
+    def _run(self) -> None:
+        delay = self.config.reconnect_min_s
+        failing = False
+        where = f"{self.config.host}:{self.config.port}"
+        while not self._stopping.is_set():
+            session = _Session()
+            client = self._new_client(session)
+            error = self._connect(client, session)
+            if error is not None:
+                self._teardown(client)
+                if not failing:
+                    log.warning(
+                        "cannot connect to MQTT broker %s (%s); retrying with back-off up to %.0f s, "
+                        "alarms are kept in the outbox",
+                        where,
+                        error,
+                        self.config.reconnect_max_s,
+                    )
+                    failing = True
+                else:
+                    log.debug("MQTT connect to %s failed again: %s", where, error)
+                if self._stopping.wait(delay):
+                    break
+                delay = min(delay * 2, self.config.reconnect_max_s)
+                continue
+            failing = False
+            delay = self.config.reconnect_min_s
+            self._sessions += 1
+            if self._sessions > 1:
+                self._m_reconnects.inc()
+            log.info("connected to MQTT broker %s as %s (topic root %s)", where, self.client_id, self.root)
+            try:
+                graceful = self._session(client, session)
+            except Exception:
+                log.exception("MQTT session failed; reconnecting")
+                graceful = False
+            self._end_session(client, graceful)
+            if graceful or self._stopping.is_set():
+                break
+            log.warning(
+                "lost connection to MQTT broker %s (%s); reconnecting, alarms are kept in the outbox",
+                where,
+                session.lost_reason,
+            )
+            if self._stopping.wait(delay):
+                break
+
+    def _session(self, client: mqtt.Client, session: _Session) -> bool:
+        """Run one connection; return True when it ended because of :meth:`stop` (still connected)."""
+        with self._lock:  # held until _client is set, so a command response never finds it unset
+            client.subscribe(self.command_filter, qos=1)
+            self._publish_status(client, "online")
+            for camera, state in self._states.items():
+                self._publish_state(client, camera, state)
+            self._client = client
+            self.connected.set()
+            self._m_connected.set(1)
+        inflight: list[tuple[int, mqtt.MQTTMessageInfo]] = []
+        last_seq = 0
+        while not session.lost.is_set():
+            self._wake.clear()
+            acked: list[int] = []
+            pending: list[tuple[int, mqtt.MQTTMessageInfo]] = []
+            broken = False
+            for seq, info in inflight:
+                if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    broken = True
+                elif info.is_published():
+                    acked.append(seq)
+                else:
+                    pending.append((seq, info))
+            inflight = pending
+            if acked:
+                self._outbox.remove(acked)
+                self._m_published.labels("alarm").inc(len(acked))
+            self._m_depth.set(len(self._outbox))
+            if broken:
+                return False
+            if self._stopping.is_set():
+                if not inflight and len(self._outbox) == 0:
+                    return True
+                if time.monotonic() >= self._stop_deadline - self._offline_reserve_s():
+                    return True
+            free = ALARM_WINDOW - len(inflight)
+            if free > 0:
+                for entry in self._outbox.peek(after_seq=last_seq, limit=free):
+                    info = client.publish(entry.topic, entry.payload, qos=self.config.qos_alarm, retain=True)
+                    inflight.append((entry.seq, info))
+                    last_seq = entry.seq
+                    if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                        break
+            self._wake.wait(0.05 if self._stopping.is_set() else 0.5)
+        return False
+
+    def _offline_reserve_s(self) -> float:
+        return 0.5
+
+    def _end_session(self, client: mqtt.Client, graceful: bool) -> None:
+        with self._lock:
+            self._client = None
+            self.connected.clear()
+            self._m_connected.set(0)
+        try:
+            if graceful:
+                info = client.publish(
+                    self.status_topic, self._status_payload("offline").to_json(), qos=1, retain=True
+                )
+                if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    self._m_published.labels("status").inc()
+                    left = max(0.1, self._stop_deadline - time.monotonic())
+                    try:
+                        info.wait_for_publish(left)
+                    except (RuntimeError, ValueError):
+                        pass
+        finally:
+            self._teardown(client)
+

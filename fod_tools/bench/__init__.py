@@ -1,0 +1,1 @@
+"""``fod bench``: model latency (:mod:`.models`) and the end-to-end agent benchmark (:mod:`.agent`)."""

@@ -1,1 +1,0 @@
-"""Tests of the embedded demo (mirrors agent/demo/)."""

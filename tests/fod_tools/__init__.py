@@ -1,0 +1,1 @@
+"""Tests of the tooling package (mirrors fod_tools/)."""

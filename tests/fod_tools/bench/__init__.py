@@ -1,0 +1,1 @@
+"""Tests of ``fod bench`` (mirrors fod_tools/bench/)."""

@@ -1,0 +1,1 @@
+"""Tests of the embedded demo (mirrors fod_tools/demo/)."""
