@@ -69,13 +69,14 @@ class CameraConfig(_Section):
     name: str = Field(default="cam0", description="camera name, unique; the MQTT topic level <root>/<name>/...")
     source: str | int = Field(
         default=0,
-        description="camera index (0), video file, folder of images, rtsp:// or http:// URL, "
+        description="camera index (0) or device path (/dev/video0, or the reboot-stable "
+        "/dev/v4l/by-id/... link), video file, folder of images, rtsp:// or http:// URL, "
         "or a GStreamer pipeline ending in appsink",
     )
     kind: SourceKind = Field(
         default="auto",
-        description="how to open source: auto guesses from its form (digits = camera, folder, existing file, "
-        "URL scheme, '!' = GStreamer); set it when the guess is wrong",
+        description="how to open source: auto guesses from its form (digits or a /dev/ path = camera, folder, "
+        "existing file, URL scheme, '!' = GStreamer); set it when the guess is wrong",
     )
     realtime: bool = Field(
         default=False,
@@ -103,7 +104,19 @@ class CameraConfig(_Section):
     stale_after_s: float = Field(
         default=5.0,
         gt=0,
-        description="/healthz reports 503 when this camera produced no frame for this long, s",
+        description="live sources: no frame for this long moves the camera to 'stalled' (MQTT state, /healthz "
+        "503) and the watchdog reopens it, abandoning a read that never returns, s",
+    )
+    open_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="cameras and URLs: give up opening the source after this long (OpenCV FFmpeg/V4L2), s",
+    )
+    read_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="cameras and URLs: a read that returns no frame for this long fails (counted, then the "
+        "source is reopened after max_read_failures), s",
     )
     rois: list[RoiConfig] = Field(
         default_factory=lambda: [RoiConfig()],

@@ -331,7 +331,7 @@ class Agent:
             return
         payload = CameraStatePayload(
             camera=status.camera,
-            state=status.state,  # type: ignore[arg-type]
+            state=status.state,
             connected=status.state == "connected",
             fps=status.fps,
             last_frame_age_s=status.last_frame_age_s,
@@ -380,6 +380,7 @@ class Agent:
                 "frames_dropped": status.frames_dropped,
                 "frames_broken": status.frames_broken,
                 "reconnects": status.reconnects,
+                "stalls": status.stalls,
                 "error": status.error,
                 "thresholds": dict(runtime.thresholds),
                 "last": dict(runtime.last_scores),
