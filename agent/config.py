@@ -4,7 +4,8 @@ Every section forbids unknown keys, every field has a description (``docs/config
 from them by :func:`config_reference_markdown`) and units are in the field names. Errors name the
 file, the key (``cameras.0.rois.1.box_px``) and the fix. CLI flags override the file through
 :func:`load_config`'s ``overrides`` (dotted keys). Relative paths are relative to the working
-directory of the agent.
+directory of the agent; unset state paths (outbox, snapshots) go to the state directory
+(:mod:`agent.statedir`), never into the working directory.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from agent.errors import ConfigError
 from agent.mqtt.config import MqttConfig
+from agent.statedir import OUTBOX_SUBDIR, SNAPSHOTS_SUBDIR, default_state_dir
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _NAME_HINT = "use letters, digits, '_', '-' or '.' (it becomes an MQTT topic level)"
@@ -239,7 +241,11 @@ class SnapshotConfig(_Section):
     """Snapshots of NG frames on disk: frame, mask, overlay and result JSON."""
 
     enabled: bool = Field(default=True, description="save a snapshot for NG frames")
-    dir: Path = Field(default=Path("snapshots"), description="folder of the snapshots (one sub-folder per camera)")
+    dir: Path | None = Field(
+        default=None,
+        description="folder of the snapshots (one sub-folder per camera); unset = <state_dir>/snapshots. "
+        "A relative path is relative to the working directory",
+    )
     max_total_mb: float = Field(
         default=500.0, gt=0, description="delete the oldest snapshots above this total size, MB"
     )
@@ -267,6 +273,11 @@ class AgentConfig(_Section):
         description="stop the agent when every file or folder source has ended (replays, tests)",
     )
     duration_s: float | None = Field(default=None, gt=0, description="stop the agent after this many seconds")
+    state_dir: Path | None = Field(
+        default=None,
+        description="folder of the agent's state (alarm outbox, snapshots); unset = $STATE_DIRECTORY (systemd "
+        "StateDirectory=), else $XDG_STATE_HOME/fod-agent, else ~/.local/state/fod-agent",
+    )
     model: ModelConfig = Field(default_factory=ModelConfig, description="[model]")
     cameras: list[CameraConfig] = Field(
         default_factory=lambda: [CameraConfig()],
@@ -294,7 +305,18 @@ class AgentConfig(_Section):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"camera names must be unique, repeated: {duplicates}; give each [[cameras]] a name")
+        if self.state_dir is None:
+            self.state_dir = default_state_dir()
+        if self.mqtt.outbox_dir is None:
+            self.mqtt = self.mqtt.model_copy(update={"outbox_dir": self.state_dir / OUTBOX_SUBDIR})
+        if self.snapshots.dir is None:
+            self.snapshots.dir = self.state_dir / SNAPSHOTS_SUBDIR
         return self
+
+    @property
+    def snapshots_dir(self) -> Path:
+        """The snapshot folder (``snapshots.dir``, resolved against the state directory)."""
+        return self.snapshots.dir or (self.state_dir or default_state_dir()) / SNAPSHOTS_SUBDIR
 
     def camera(self, name: str) -> CameraConfig:
         """The camera called ``name``.

@@ -41,7 +41,7 @@ from agent.capture import CameraStatus, CameraWorker, Frame
 from agent.commands import Command, CommandError, Pause, ReloadModel, Resume, SetThreshold, Snapshot
 from agent.config import AgentConfig, CameraConfig
 from agent.decision import DecisionRule, RoiDecision
-from agent.errors import AgentError
+from agent.errors import AgentError, CameraError
 from agent.http import AgentHttpServer, PreviewHub
 from agent.metrics import AgentMetrics
 from agent.mqtt.link import MqttLink
@@ -176,7 +176,7 @@ class Agent:
             preview=self.preview,
         )
         self.snapshots = SnapshotStore(
-            config.snapshots.dir,
+            config.snapshots_dir,
             max_total_mb=config.snapshots.max_total_mb,
             max_age_h=config.snapshots.max_age_h,
             on_pruned=self.metrics.snapshots_pruned.inc,
@@ -200,6 +200,8 @@ class Agent:
             0.
 
         Raises:
+            CameraError: with ``exit_at_end``, a file or folder source could not be opened or held
+                no frame (after a clean shutdown).
             AgentError: startup failed (HTTP port in use, model refused, no threshold, ...); whatever
                 was started is stopped again before it propagates.
         """
@@ -259,7 +261,24 @@ class Agent:
             log.info("stopping: %s", self._stop_reason)
         finally:
             await self._shutdown(tasks)
+        self._check_replays()
         return 0
+
+    def _check_replays(self) -> None:
+        """With ``exit_at_end``, a replay that could not be read is an error (a non-zero exit).
+
+        Raises:
+            CameraError: a file or folder source could not be opened or held no frame (named, with why).
+        """
+        if not self.config.exit_at_end:
+            return
+        failed = []
+        for name, runtime in self.cameras.items():
+            status = runtime.worker.status()
+            if status.state == "failed" and not runtime.worker.live_kind:
+                failed.append(f"camera {name}: {status.error}")
+        if failed:
+            raise CameraError("replay could not be read: " + "; ".join(failed))
 
     def request_stop(self, reason: str = "stop requested") -> None:
         """Ask the agent to stop; safe from any thread and from signal handlers."""

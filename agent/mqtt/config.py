@@ -151,9 +151,10 @@ class MqttConfig(BaseModel):
         default=0.5, gt=0.0, description="First reconnect delay (s); doubles per failure."
     )
     reconnect_max_s: float = Field(default=30.0, gt=0.0, description="Cap of the reconnect delay (s).")
-    outbox_dir: Path = Field(
-        default=Path("var/outbox"),
-        description="Folder of the on-disk alarm outbox (one per agent); relative to the working directory.",
+    outbox_dir: Path | None = Field(
+        default=None,
+        description="Folder of the on-disk alarm outbox (one per agent); unset = <state_dir>/outbox. "
+        "A relative path is relative to the working directory.",
     )
     outbox_max_messages: int = Field(
         default=10_000,

@@ -36,7 +36,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -52,6 +51,7 @@ from agent.outbox import Outbox
 from agent.schemas import (
     CameraStatePayload,
 )
+from agent.statedir import outbox_dir
 
 log = logging.getLogger("agent.mqtt")
 
@@ -121,7 +121,7 @@ class MqttLink(Publishers, Supervisor):
         )
 
         self._outbox = Outbox(
-            Path(config.outbox_dir), max_messages=config.outbox_max_messages, on_drop=self._on_outbox_drop
+            outbox_dir(config.outbox_dir), max_messages=config.outbox_max_messages, on_drop=self._on_outbox_drop
         )
         self._m_depth.set(len(self._outbox))
 

@@ -402,9 +402,8 @@ def test_source_that_cannot_be_opened_is_published_and_unhealthy(
         mosquitto,
         topic_root,
         toy_package,
-        tmp_path / "missing",
+        "/dev/v4l/by-id/usb-missing-video-index0",  # a live camera that is unplugged: retried forever
         **{
-            "cameras.0.kind": "folder",
             "cameras.0.reconnect_min_s": 0.05,
             "cameras.0.reconnect_max_s": 0.1,
             "http.port": port,
@@ -418,7 +417,8 @@ def test_source_that_cannot_be_opened_is_published_and_unhealthy(
     ].json()
     assert state["state"] == "failed"
     assert state["connected"] is False
-    assert "missing" in state["error"]
+    assert "usb-missing" in state["error"]
+    assert "not present" in state["error"]
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
     assert info.value.code == 503
