@@ -567,3 +567,78 @@ def test_publish_queue_drops_the_oldest_and_counts(tmp_path: Path, toy_package: 
     assert kept == [3, 4]  # drop-oldest: the newest NG frames are kept
     assert agent.metrics.value("fod_queue_dropped_total", {"queue": "publish"}) == 3
     assert agent.metrics.value("fod_queue_depth", {"queue": "publish"}) == 2
+
+
+class LiveGrey:
+    """A live camera object: grey frames at 25 frames/s."""
+
+    fps = 25.0
+
+    def read(self) -> tuple[bool, Any]:
+        return True, frame()
+
+
+class SilentAfter:
+    """A live camera whose read() blocks (socket open, no data) after ``n`` frames until ``unblock``."""
+
+    def __init__(self, n: int, unblock: threading.Event) -> None:
+        self.n = n
+        self.unblock = unblock
+
+    def read(self) -> tuple[bool, Any]:
+        if self.n <= 0:
+            self.unblock.wait()
+            return False, None
+        self.n -= 1
+        time.sleep(0.02)
+        return True, frame()
+
+
+def test_a_stalled_camera_is_published_unhealthy_and_does_not_block_the_others_or_stop(
+    tmp_path: Path,
+    mosquitto: Mosquitto,
+    topic_root: str,
+    toy_package: Path,
+    subscriber: Callable[..., Subscriber],
+    running: Callable[[Agent], Running],
+) -> None:
+    unblock = threading.Event()
+    sub = subscriber(mosquitto, f"{topic_root}/#")
+    config = make_config(
+        tmp_path,
+        mosquitto,
+        topic_root,
+        toy_package,
+        **{
+            "cameras.0.name": "stuck",
+            "cameras.0.stale_after_s": 0.4,
+            "cameras.0.reconnect_min_s": 0.05,
+            "cameras.1.name": "good",
+            "exit_at_end": False,
+        },
+    )
+    agent = Agent(config, sources={"stuck": lambda: SilentAfter(3, unblock), "good": LiveGrey()})
+    run = running(agent)
+    try:
+        states = sub.wait_until(
+            f"{topic_root}/stuck/state", lambda ms: any(m.json()["state"] == "stalled" for m in ms), 15
+        )
+        stalled = next(m.json() for m in states if m.json()["state"] == "stalled")
+        assert stalled["connected"] is False
+        assert "no frame" in stalled["error"]
+        healthy, details = agent.health()
+        assert not healthy
+        assert details["cameras"]["stuck"]["state"] in ("stalled", "reconnecting", "connected")
+        assert details["cameras"]["stuck"]["stalls"] >= 1
+        # the other camera keeps being scored while the stuck reader is blocked
+        before = len(sub.get(f"{topic_root}/good/result"))
+        sub.wait_for(f"{topic_root}/good/result", before + 5, timeout_s=10)
+        assert agent.metrics.value("fod_camera_stalls_total", {"camera": "stuck"}) >= 1
+        started = time.monotonic()
+        run.stop()  # asserts the agent thread ended without error
+        assert time.monotonic() - started < 15
+        assert sub.wait_until(
+            f"{topic_root}/stuck/state", lambda ms: ms[-1].json()["state"] == "ended", 5
+        )[-1].json()["connected"] is False
+    finally:
+        unblock.set()
