@@ -129,8 +129,8 @@ class CameraConfig(_Section):
     @field_validator("name")
     @classmethod
     def _check_name(cls, value: str) -> str:
-        if not _NAME_RE.match(value) or value in ("cmd", "status"):
-            raise ValueError(f"invalid camera name {value!r}: {_NAME_HINT}, and not 'cmd' or 'status'")
+        if not _NAME_RE.match(value) or value in ("cmd", "status", "plc"):
+            raise ValueError(f"invalid camera name {value!r}: {_NAME_HINT}, and not 'cmd', 'status' or 'plc'")
         return value
 
     @model_validator(mode="after")

@@ -107,6 +107,12 @@ def running() -> Iterator[Callable[[Agent], Running]]:
             run.stop()
 
 
+def wait_alarms(sub: Subscriber, topic: str, n: int, timeout_s: float = 5.0) -> list[Any]:
+    """The first ``n`` alarm messages (the empty payloads that clear the retained alarm at start and stop skipped)."""
+    got = sub.wait_until(topic, lambda ms: len([m for m in ms if m.payload]) >= n, timeout_s)
+    return [m for m in got if m.payload]
+
+
 def payloads(sub: Subscriber, topic: str) -> list[dict[str, Any]]:
     return [m.json() for m in sub.get(topic)]
 
@@ -131,7 +137,7 @@ def test_folder_replay_end_to_end(
     assert all(r["threshold"] == 0.5 and r["roi"] == "full" and r["schema_version"] == 1 for r in got)
     assert all(r["latency_ms"]["total"] >= r["latency_ms"]["inference"] >= 0 for r in got)
 
-    alarms = [m.json() for m in sub.wait_for(f"{topic_root}/cam0/alarm", 2)]
+    alarms = [m.json() for m in wait_alarms(sub, f"{topic_root}/cam0/alarm", 2)]
     assert [(a["previous"], a["state"], a["source_frame"]) for a in alarms] == [
         ("OK", "NG", "004.png"),  # second NG frame of the window
         ("NG", "OK", "007.png"),  # second clear frame
@@ -193,7 +199,7 @@ def test_rois_are_scored_and_thresholded_on_their_own(
     assert got["left"]["verdict"] == "OK"
     assert got["blob"]["verdict"] == "NG"
     assert (got["strict"]["verdict"], got["strict"]["threshold"]) == ("OK", 0.9)
-    alarms = [m.json()["roi"] for m in sub.wait_for(f"{topic_root}/cam0/alarm", 1)]
+    alarms = [m.json()["roi"] for m in wait_alarms(sub, f"{topic_root}/cam0/alarm", 1)]
     assert alarms == ["blob"]
 
 
@@ -339,7 +345,7 @@ def test_commands_change_the_running_agent(
     publish_command(mosquitto, topic_root, "set_threshold", {"camera": "cam0", "threshold": 0.2, "request_id": "t1"})
     assert response(sub, topic_root, "t1")["ok"] is True
     sub.wait_until(result_topic, lambda ms: any(m.json()["verdict"] == "NG" for m in ms), 10)
-    alarm = sub.wait_for(f"{topic_root}/cam0/alarm", 1)[0].json()
+    alarm = wait_alarms(sub, f"{topic_root}/cam0/alarm", 1)[0].json()
     assert (alarm["state"], alarm["threshold"]) == ("NG", 0.2)
 
     # a command for a camera that does not exist changes nothing
@@ -522,7 +528,7 @@ def test_alarms_raised_while_the_broker_is_down_arrive_in_order(
 
     mosquitto.start()
     sub = subscriber(mosquitto, f"{topic_root}/#")
-    alarms = [m.json() for m in sub.wait_for(f"{topic_root}/cam0/alarm", 4, timeout_s=20)]
+    alarms = [m.json() for m in wait_alarms(sub, f"{topic_root}/cam0/alarm", 4, timeout_s=20)]
     assert [(a["state"], a["source_frame"]) for a in alarms] == [("NG", 1), ("OK", 2), ("NG", 3), ("OK", 4)]
     assert [a["alarm_seq"] for a in alarms] == [1, 2, 3, 4]
     assert sub.wait_for(f"{topic_root}/status", 1)[-1].json()["state"] == "online"
