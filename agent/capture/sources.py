@@ -69,6 +69,18 @@ class Source:
         """Free the device or file. Idempotent."""
 
 
+def follow_log_level() -> None:
+    """Make OpenCV's own log lines follow the agent's log level (call before opening sources).
+
+    OpenCV prints a warning of its own at every failed open (``can't open camera by index``, FFmpeg
+    stream timeouts); the agent already logs each state change once. At DEBUG those lines are shown,
+    otherwise only OpenCV errors.
+    """
+    debug = log.isEnabledFor(logging.DEBUG)
+    level = cv2.utils.logging.LOG_LEVEL_WARNING if debug else cv2.utils.logging.LOG_LEVEL_ERROR
+    cv2.utils.logging.setLogLevel(level)
+
+
 def is_device_path(text: str) -> bool:
     """Whether ``text`` names a camera device: a path under ``/dev/`` or a link to a character device.
 

@@ -32,7 +32,15 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from agent.capture.slot import Frame, FrameSlot
-from agent.capture.sources import LIVE_KINDS, FolderSource, ObjectSource, Source, open_source, source_kind
+from agent.capture.sources import (
+    LIVE_KINDS,
+    FolderSource,
+    ObjectSource,
+    Source,
+    follow_log_level,
+    open_source,
+    source_kind,
+)
 from agent.config import CameraConfig
 from agent.errors import CameraError
 from agent.schemas import CameraState
@@ -178,6 +186,8 @@ class CameraWorker:
     def start(self) -> None:
         """Start the capture thread (daemon, ``capture-<camera>``) and, for live sources, the watchdog."""
         if self._thread is None:
+            if self.override is None:
+                follow_log_level()
             self._spawn_reader(reopen=False)
             if self.live_kind:
                 self._watchdog = threading.Thread(target=self._watch, name=f"watchdog-{self.name}", daemon=True)

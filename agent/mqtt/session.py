@@ -23,6 +23,21 @@ CONNECT_TIMEOUT_S = 5.0
 """TCP/TLS connect and CONNACK wait per attempt (s)."""
 
 
+class _QuietRaces(logging.Filter):
+    """paho logs ``Client is not connected`` as an ERROR when its network thread runs once more after
+    a disconnect (a clean stop, or a loss the supervisor already reports): shown only at DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and str(record.msg).startswith("Client is not connected"):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger("agent.mqtt").isEnabledFor(logging.DEBUG)
+        return True
+
+
+PAHO_LOG = logging.getLogger("agent.mqtt.paho")
+PAHO_LOG.addFilter(_QuietRaces())
+
+
 class _Session:
     """Per-connection state shared with paho's callbacks (events only)."""
 
@@ -56,7 +71,7 @@ class Supervisor(LinkState):
         client.connect_timeout = CONNECT_TIMEOUT_S
         client.max_inflight_messages_set(ALARM_WINDOW + 80)
         client.max_queued_messages_set(1000)
-        client.enable_logger(logging.getLogger("agent.mqtt.paho"))
+        client.enable_logger(PAHO_LOG)
         if self.config.username is not None:
             client.username_pw_set(self.config.username, self._password)
         if self._ssl_context is not None:

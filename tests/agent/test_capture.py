@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from pathlib import Path
@@ -396,3 +397,31 @@ def test_http_mjpeg_stream_that_goes_silent_is_detected_and_reopened(
             assert server.connections >= 2
         finally:
             worker.stop()
+
+
+@pytest.mark.parametrize(("level", "shown"), [(logging.INFO, False), (logging.DEBUG, True)])
+def test_opencv_retry_lines_follow_the_agent_log_level(
+    level: int, shown: bool, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(level, logger="agent.capture")
+    config = CameraConfig(name="idx", source=97, reconnect_min_s=0.01, reconnect_max_s=0.02)
+    worker = CameraWorker(config, metrics=AgentMetrics())
+    try:
+        worker.start()
+        deadline = time.monotonic() + 5
+        while worker.status().reconnects < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        worker.stop()
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    assert worker.status().reconnects >= 2
+    assert ("can't open camera" in capfd.readouterr().err) is shown
+
+
+def test_paho_not_connected_race_is_not_an_error(caplog: pytest.LogCaptureFixture) -> None:
+    from agent.mqtt.session import PAHO_LOG
+
+    caplog.set_level(logging.INFO)
+    PAHO_LOG.error("Client is not connected. Socket: None). Last known Connection State: MQTT_CS_DISCONNECTING")
+    PAHO_LOG.error("some other paho error")
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == ["some other paho error"]
