@@ -25,7 +25,8 @@ CONNECT_TIMEOUT_S = 5.0
 
 class _QuietRaces(logging.Filter):
     """paho logs ``Client is not connected`` as an ERROR when its network thread runs once more after
-    a disconnect (a clean stop, or a loss the supervisor already reports): shown only at DEBUG."""
+    a disconnect (a clean stop, or a loss the supervisor already reports): shown only at DEBUG.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= logging.ERROR and str(record.msg).startswith("Client is not connected"):
