@@ -5,6 +5,7 @@
   user objects; all read like ``cv2.VideoCapture`` (``read() -> (ok, frame)`` / ``release()``);
 * :mod:`agent.capture.slot`: :class:`Frame` and the one-frame :class:`FrameSlot` hand-off to the
   asyncio pipeline (newest-frame policy or model pace);
+* :mod:`agent.capture.status`: :func:`check_frame`, :class:`CameraStatus` and the metrics protocol;
 * :mod:`agent.capture.worker`: :class:`CameraWorker`, the capture thread of one camera (open,
   reopen with back-off, frame checks) and its watchdog (``stale_after_s`` -> ``stalled``, reopen).
 """
@@ -23,7 +24,8 @@ from agent.capture.sources import (
     open_source,
     source_kind,
 )
-from agent.capture.worker import CameraStatus, CameraWorker, CaptureMetrics, check_frame
+from agent.capture.status import CameraStatus, CaptureMetrics, check_frame
+from agent.capture.worker import CameraWorker
 
 __all__ = [
     "IMAGE_SUFFIXES",
