@@ -353,7 +353,7 @@ def test_watchdog_abandons_a_read_that_never_returns_and_reopens() -> None:
         assert not made[0].released.is_set()  # still blocked in read()
         started = time.monotonic()
         worker.stop(timeout_s=2.0)
-        assert time.monotonic() - started < 3.0  # stop is not held up by the abandoned reader
+        assert time.monotonic() - started < 5.0  # stop is not held up by the abandoned reader (join timeout 2 s)
         assert worker.status().state == "ended"
     finally:
         unblock.set()
