@@ -211,6 +211,19 @@ class PipelineConfig(_Section):
         description="at start, wait this long for the MQTT broker before capture begins, so that a replay's "
         "first results are not lost; the agent scores anyway when the broker is down, s",
     )
+    health_window_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=86400,
+        description="unhealthy when a ROI of a running camera has had no frame scored and published for this "
+        "long (inference errors, NaN scores, ROI outside the frame, stuck publishing), s",
+    )
+    store_stall_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        description="unhealthy when one alarm write to the outbox has been running this long (frozen disk), s",
+    )
 
 
 class HttpConfig(_Section):

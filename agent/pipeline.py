@@ -9,8 +9,10 @@ Stages and hand-offs (each bounded, with a declared policy and a metric):
    threads): every ROI of a frame is cropped, passed through :func:`fod.preprocess.to_model_input`
    and scored in one batch;
 3. **decision** (event loop): per-ROI threshold, verdict, N-of-M debounce and hysteresis
-   (:mod:`agent.decision`); every scored ROI is published as a result, every alarm transition goes
-   straight to :meth:`agent.mqtt.link.MqttLink.publish_alarm` (its on-disk outbox: never dropped);
+   (:mod:`agent.decision`); every scored ROI is published as a result, every alarm transition is
+   written to the on-disk outbox by :class:`agent.alarms.AlarmStore` (one dedicated thread, order
+   kept, never on the event loop); the transition is committed only once the alarm is stored, so a
+   failed write is retried on the next frame instead of being lost;
 4. **publish queue** (``pipeline.publish_queue_size``, drop-oldest, ``fod_queue_dropped_total``):
    NG frames (and preview frames while someone watches) wait here for a worker thread that renders
    the mask PNG and overlay JPEG, publishes them and writes snapshots.
@@ -24,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import math
 import threading
@@ -36,12 +39,14 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from agent import __version__
+from agent.alarms import AlarmSkipped, AlarmStore
 from agent.backends import LoadedModel, load_model
 from agent.capture import CameraStatus, CameraWorker, Frame
 from agent.commands import Command, CommandError, Pause, ReloadModel, Resume, SetThreshold, Snapshot
 from agent.config import AgentConfig, CameraConfig
 from agent.decision import DecisionRule, RoiDecision
 from agent.errors import AgentError
+from agent.health import WorkLog
 from agent.http import AgentHttpServer, PreviewHub
 from agent.metrics import AgentMetrics
 from agent.mqtt.link import MqttLink
@@ -129,6 +134,11 @@ class CameraRuntime:
     last_snapshot_mono: float = -math.inf
     last_preview_mono: float = -math.inf
     last_scores: dict[str, dict[str, Any]] = field(default_factory=dict)
+    work: WorkLog = field(default_factory=WorkLog)
+    committed: dict[str, RoiDecision] = field(default_factory=dict)
+    """ROI -> its decision right after its last stored alarm (restored when a write fails)."""
+    chains: dict[str, int] = field(default_factory=dict)
+    """ROI -> alarm chain number, bumped when a write fails (see :mod:`agent.alarms`)."""
 
 
 class Agent:
@@ -191,6 +201,9 @@ class Agent:
         self._io_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="publish")
         self._publish_queue: asyncio.Queue[PublishJob] | None = None
         self._owns_model = model is None
+        self.alarms: AlarmStore | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._stopping = False
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> int:
@@ -222,6 +235,7 @@ class Agent:
                     registry=self.registry,
                 )
             self.link.set_status_info(backend=self.model.backend, model=self.model.name)
+            self.alarms = AlarmStore(self.link.publish_alarm, stall_s=self.config.pipeline.store_stall_s)
             self.link.start()
             wait_s = self.config.pipeline.broker_wait_s
             if wait_s and not await loop.run_in_executor(None, self.link.connected.wait, wait_s):
@@ -240,7 +254,11 @@ class Agent:
                 asyncio.create_task(self._publisher(), name="publisher"),
                 asyncio.create_task(self._state_ticker(), name="state"),
                 asyncio.create_task(self._end_watcher(camera_tasks), name="end-watcher"),
+                asyncio.create_task(self._health_ticker(), name="health"),
             ]
+            self._tasks = tasks
+            for runtime in self.cameras.values():
+                runtime.work.restart_window()
             self.started.set()
             log.info(
                 "agent %s running: %d camera(s), backend %s, MQTT %s:%d root %s",
@@ -272,6 +290,7 @@ class Agent:
 
     async def _shutdown(self, tasks: list[asyncio.Task[Any]]) -> None:
         loop = asyncio.get_running_loop()
+        self._stopping = True
         for runtime in self.cameras.values():
             runtime.worker.stop_event.set()
             runtime.worker.slot.close()
@@ -281,6 +300,9 @@ class Agent:
         if self._publish_queue is not None and tasks:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._publish_queue.join(), 10.0)
+        if self.alarms is not None:
+            await loop.run_in_executor(None, self.alarms.drain)  # every raised alarm is stored before close
+            await asyncio.sleep(0)  # let the write callbacks commit their transitions
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -355,24 +377,48 @@ class Agent:
                 raise AgentError("internal error: _publish_queue used before the agent started (run() sets it up)")
             self.metrics.queue_depth.labels("publish").set(self._publish_queue.qsize())
 
+    async def _health_ticker(self) -> None:
+        """Derive health every second: metrics, and the ``online`` status when it changed."""
+        while True:
+            healthy, details = self.health()
+            self.metrics.healthy.set(1 if healthy else 0)
+            self.metrics.health_problems.set(len(details["problems"]))
+            if self.alarms is not None:
+                self.metrics.alarms_pending.set(self.alarms.pending)
+            if self.link is not None:
+                self.link.set_health(healthy, details["problems"])
+            await asyncio.sleep(1.0)
+
     def health(self) -> tuple[bool, dict[str, Any]]:
-        """Health of the agent (``/healthz``; thread-safe).
+        """Health of the agent, derived from work done (``/healthz``, status topic; thread-safe).
 
         Returns:
-            ``(healthy, details)``: healthy when the model is loaded and every camera is connected
-            and produced a frame within its ``stale_after_s``.
+            ``(healthy, details)``: healthy when ``details["problems"]`` is empty. Problems: model not
+            loaded, scoring paused, a camera not connected or stale (``stale_after_s``), a ROI with no
+            frame scored within ``pipeline.health_window_s`` (with the last error), the alarm store
+            stuck or failing, a worker task that died.
         """
         model = self.model
         model_ok = model is not None and model.runner.is_active
+        problems: list[str] = [] if model_ok else ["model not loaded"]
+        if self.paused:
+            problems.append("scoring paused by command (send cmd/resume)")
+        if not self.cameras:
+            problems.append("no camera running")
         cameras: dict[str, Any] = {}
-        healthy = model_ok
         for name, runtime in self.cameras.items():
             status = runtime.worker.status()
             age = status.last_frame_age_s
             ok = status.state == "connected" and age is not None and age <= runtime.config.stale_after_s
-            healthy = healthy and ok
+            why = status.error or "no error"
+            mine = [] if ok else [f"camera {name}: {status.state}, last frame age {age} s ({why})"]
+            if ok and not self.paused and self.started.is_set():
+                rois = [r.name for r in runtime.config.rois]
+                mine += runtime.work.problems(name, rois, self.config.pipeline.health_window_s)
+            problems += mine
             cameras[name] = {
-                "healthy": ok,
+                "healthy": not mine,
+                "problems": mine,
                 "state": status.state,
                 "fps": status.fps,
                 "last_frame_age_s": age,
@@ -384,10 +430,12 @@ class Agent:
                 "thresholds": dict(runtime.thresholds),
                 "last": dict(runtime.last_scores),
             }
-        if not self.cameras:
-            healthy = False
+        if self.alarms is not None:
+            problems += self.alarms.problems()
+        problems += self._dead_workers()
         link = self.link
-        return healthy, {
+        return not problems, {
+            "problems": problems,
             "agent_id": self.config.agent_id,
             "version": __version__,
             "model_loaded": model_ok,
@@ -396,8 +444,21 @@ class Agent:
             "model": model.name if model is not None else None,
             "paused": self.paused,
             "mqtt_connected": bool(link is not None and link.connected.is_set()),
+            "alarm_outbox_depth": link.outbox_depth if link is not None else None,
             "cameras": cameras,
         }
+
+    def _dead_workers(self) -> list[str]:
+        """Worker tasks that ended with an exception (a camera loop that returned normally ended its source)."""
+        if self._stopping:
+            return []
+        out = []
+        for task in list(self._tasks):
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                out.append(f"worker {task.get_name()} died: {task.exception()!r}")
+            elif task.done() and not task.get_name().startswith(("camera-", "end-watcher")):
+                out.append(f"worker {task.get_name()} ended")
+        return out
 
     # ------------------------------------------------------------------ the per-camera loop
     async def _camera_loop(self, runtime: CameraRuntime) -> None:
@@ -421,10 +482,12 @@ class Agent:
                 scored = await loop.run_in_executor(self._infer_pool, self._score, runtime.config, frame, taken)
             except Exception as exc:
                 self.metrics.errors.labels("inference").inc()
+                runtime.work.failed(f"inference failed: {exc}")
                 log.error("camera %s: inference failed on frame %s: %s", name, frame.seq, exc)
                 continue
             if not scored.rois:
                 self.metrics.frame_broken(name, "roi")
+                runtime.work.failed(f"every ROI lies outside the {frame.image.shape[1]}x{frame.image.shape[0]} frame")
                 continue
             self.metrics.inference_latency.labels(model.backend).observe(scored.inference_ms / 1e3)
             self.metrics.frames_scored.labels(name).inc()
@@ -463,7 +526,11 @@ class Agent:
     def _decide_and_publish(
         self, runtime: CameraRuntime, frame: Frame, scored: ScoredFrame, model: LoadedModel
     ) -> None:
-        """Thresholds, debounce, result and alarm messages, and the NG publish job (event loop)."""
+        """Thresholds, debounce, result messages, alarm writes and the NG publish job (event loop).
+
+        A transition's alarm is written off the loop (:meth:`_write_alarm`); when the write fails,
+        the ROI goes back to its last stored state and the transition is raised again (retry).
+        """
         t_post = time.perf_counter()
         name = runtime.config.name
         link = self.link
@@ -474,19 +541,21 @@ class Agent:
         runtime.scored += 1
         verdicts: dict[str, str] = {}
         results: list[dict[str, Any]] = []
-        pending: list[tuple[ResultPayload, AlarmPayload | None]] = []
         for roi in scored.rois:
             threshold = runtime.thresholds[roi.name]
             decision = runtime.decisions[roi.name]
             if not math.isfinite(roi.score):
                 self.metrics.errors.labels("score").inc()
+                runtime.work.failed(f"ROI {roi.name}: non-finite score {roi.score}")
                 log.warning("camera %s/%s: non-finite score %s on frame %s", name, roi.name, roi.score, frame.seq)
                 continue
             verdict = decision.rule.verdict(roi.score)
             transition = decision.update(roi.score)
             normalized = normalize_score(roi.score, calibration, threshold)
             verdicts[roi.name] = verdict
-            alarm = None
+            result = self._result(name, roi, seq, frame, scored, normalized, threshold, verdict, t_post)
+            link.publish_result(name, result)
+            runtime.work.scored(roi.name)
             if transition is not None:
                 alarm = AlarmPayload(
                     camera=name,
@@ -499,52 +568,106 @@ class Agent:
                     threshold=threshold,
                     source_frame=frame.source_frame,
                 )
-            postprocess_ms = (time.perf_counter() - t_post) * 1e3
-            total_ms = (time.perf_counter() - frame.capture_mono) * 1e3
-            result = ResultPayload(
-                seq=seq,
-                capture_ts=frame.capture_ts,
-                camera=name,
-                roi=roi.name,
-                source_frame=frame.source_frame,
-                score=roi.score,
-                normalized_score=normalized,
-                threshold=threshold,
-                verdict=verdict,  # type: ignore[arg-type]
-                latency_ms=LatencyMs(
-                    capture=round((scored.taken_mono - frame.capture_mono) * 1e3, 3),
-                    preprocess=round(scored.preprocess_ms, 3),
-                    inference=round(scored.inference_ms, 3),
-                    postprocess=round(postprocess_ms, 3),
-                    total=round(total_ms, 3),
-                ),
-            )
-            pending.append((result, alarm))
+                self._write_alarm(runtime, decision.copy(), alarm)
             runtime.last_scores[roi.name] = {
                 "score": roi.score,
                 "normalized_score": normalized,
                 "verdict": verdict,
-                "alarm": decision.state,
+                "alarm": runtime.decisions[roi.name].state,
                 "source_frame": frame.source_frame,
             }
-        for result, alarm in pending:
-            link.publish_result(name, result)
-            if alarm is not None:
-                link.publish_alarm(name, alarm)
-                self.metrics.alarm_transitions.labels(name, alarm.roi, alarm.state).inc()
-                log.info(
-                    "alarm %s/%s: %s -> %s (score %.4g, threshold %.4g, frame %s)",
-                    name,
-                    alarm.roi,
-                    alarm.previous,
-                    alarm.state,
-                    alarm.score,
-                    alarm.threshold,
-                    alarm.source_frame,
-                )
             results.append(result.model_dump(mode="json"))
         self.metrics.end_to_end_latency.labels(name).observe(max(0.0, time.perf_counter() - frame.capture_mono))
         self._queue_publish_job(runtime, frame, scored, verdicts, results, model)
+
+    @staticmethod
+    def _result(
+        camera: str,
+        roi: RoiScore,
+        seq: int,
+        frame: Frame,
+        scored: ScoredFrame,
+        normalized: float,
+        threshold: float,
+        verdict: str,
+        t_post: float,
+    ) -> ResultPayload:
+        postprocess_ms = (time.perf_counter() - t_post) * 1e3
+        total_ms = (time.perf_counter() - frame.capture_mono) * 1e3
+        return ResultPayload(
+            seq=seq,
+            capture_ts=frame.capture_ts,
+            camera=camera,
+            roi=roi.name,
+            source_frame=frame.source_frame,
+            score=roi.score,
+            normalized_score=normalized,
+            threshold=threshold,
+            verdict=verdict,  # type: ignore[arg-type]
+            latency_ms=LatencyMs(
+                capture=round((scored.taken_mono - frame.capture_mono) * 1e3, 3),
+                preprocess=round(scored.preprocess_ms, 3),
+                inference=round(scored.inference_ms, 3),
+                postprocess=round(postprocess_ms, 3),
+                total=round(total_ms, 3),
+            ),
+        )
+
+    def _write_alarm(self, runtime: CameraRuntime, after: RoiDecision, alarm: AlarmPayload) -> None:
+        """Hand one alarm to the store thread; ``after`` is the ROI's decision right after the transition."""
+        if self.alarms is None:
+            raise AgentError("internal error: alarm store used before the agent started (run() sets it up)")
+        chain = runtime.chains.get(alarm.roi, 0)
+        future = self.alarms.submit(runtime.config.name, alarm, chain)
+        future.add_done_callback(functools.partial(self._alarm_written, runtime, after, alarm, chain))
+
+    def _alarm_written(
+        self,
+        runtime: CameraRuntime,
+        after: RoiDecision,
+        alarm: AlarmPayload,
+        chain: int,
+        future: asyncio.Future[AlarmPayload],
+    ) -> None:
+        """Record a stored alarm, or send the ROI back to its last stored state (event loop)."""
+        name, roi = runtime.config.name, alarm.roi
+        if future.cancelled() or chain != runtime.chains.get(roi, 0):
+            return
+        exc = future.exception()
+        if isinstance(exc, AlarmSkipped):
+            return
+        current = runtime.decisions[roi]
+        if exc is not None:
+            self.metrics.alarm_store_failures.inc()
+            runtime.chains[roi] = chain + 1
+            base = runtime.committed.get(roi)
+            restored = base.copy() if base is not None else RoiDecision(current.rule)
+            restored.set_rule(current.rule)
+            runtime.decisions[roi] = restored
+            log.error(
+                "alarm %s/%s %s -> %s NOT stored; the ROI is back to %s and the transition is retried: %s",
+                name,
+                roi,
+                alarm.previous,
+                alarm.state,
+                restored.state,
+                exc,
+            )
+            return
+        runtime.committed[roi] = after
+        stored = future.result()
+        self.metrics.alarm_transitions.labels(name, roi, alarm.state).inc()
+        log.info(
+            "alarm %s/%s: %s -> %s (score %.4g, threshold %.4g, frame %s, alarm_id %s)",
+            name,
+            roi,
+            alarm.previous,
+            alarm.state,
+            alarm.score,
+            alarm.threshold,
+            alarm.source_frame,
+            stored.alarm_id,
+        )
 
     def _queue_publish_job(
         self,
@@ -692,6 +815,8 @@ class Agent:
         if isinstance(command, Resume):
             self.paused = False
             self.metrics.paused.set(0)
+            for runtime in self.cameras.values():
+                runtime.work.restart_window()
             log.info("command: scoring resumed")
             return {"paused": False}
         if isinstance(command, ReloadModel):

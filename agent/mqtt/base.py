@@ -52,6 +52,7 @@ class LinkState:
     _states: dict[str, CameraStatePayload]
     _backend: str | None
     _model: str | None
+    _health: tuple[bool | None, tuple[str, ...]]
     _result_counts: dict[tuple[str, str], int]
     _image_last: dict[tuple[str, str], float]
     _sessions: int
@@ -94,6 +95,11 @@ class LinkState:
             "Oldest alarms dropped because the outbox was full",
             registry=reg,
         )
+        self._m_dead_letter = Counter(
+            "fod_alarm_outbox_dead_letter_total",
+            "Outbox rows that could not be read or sent, moved to the dead-letter table (never delivered)",
+            registry=reg,
+        )
         self._m_alarms = Counter(
             "fod_alarms_total", "Alarms raised, by new state (NG | OK)", ["state"], registry=reg
         )
@@ -122,6 +128,8 @@ class LinkState:
             version=__version__,
             backend=self._backend,
             model=self._model,
+            healthy=self._health[0] if state == "online" else None,
+            problems=list(self._health[1]) if state == "online" else [],
         )
 
     def _publish_status(self, client: mqtt.Client, state: Literal["online", "offline"]) -> bool:

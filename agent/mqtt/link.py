@@ -15,7 +15,9 @@ paho would re-send its in-memory copies of unacknowledged messages after a recon
 anything published from ``on_connect``, which can reorder alarms and resurrect stale retained
 camera states. With a fresh client the outbox is the only source of alarms and the order on the
 wire is always the outbox order. Delivery is at-least-once: an alarm whose PUBACK was lost with the
-connection is sent again on the next connection; consumers drop repeats by ``alarm_seq``.
+connection is sent again on the next connection; consumers drop repeats by ``alarm_id``. A stored
+row that cannot be read or sent is moved to the outbox's dead-letter table (counted in
+``fod_alarm_outbox_dead_letter_total``, logged with its ``alarm_seq``) and delivery goes on.
 
 The Last Will is a retained ``offline`` :class:`~agent.schemas.StatusPayload` on ``<root>/status``;
 :meth:`MqttLink.stop` flushes the outbox (bounded by its timeout), publishes ``offline`` itself and
@@ -76,7 +78,8 @@ class MqttLink(Publishers, Supervisor):
     Metrics: ``fod_mqtt_connected``, ``fod_mqtt_reconnects_total``,
     ``fod_mqtt_messages_published_total{kind}`` (alarms counted on acknowledgement),
     ``fod_mqtt_messages_dropped_total{kind,reason}``, ``fod_mqtt_commands_total{result}``,
-    ``fod_alarm_outbox_depth``, ``fod_alarm_outbox_dropped_total``, ``fod_alarms_total{state}``.
+    ``fod_alarm_outbox_depth``, ``fod_alarm_outbox_dropped_total``, ``fod_alarm_outbox_dead_letter_total``,
+    ``fod_alarms_total{state}``.
     """
 
     def __init__(
@@ -111,6 +114,7 @@ class MqttLink(Publishers, Supervisor):
         self._states: dict[str, CameraStatePayload] = {}
         self._backend: str | None = None
         self._model: str | None = None
+        self._health: tuple[bool | None, tuple[str, ...]] = (None, ())
         self._result_counts: dict[tuple[str, str], int] = {}
         self._image_last: dict[tuple[str, str], float] = {}
         self._sessions = 0
@@ -121,7 +125,10 @@ class MqttLink(Publishers, Supervisor):
         )
 
         self._outbox = Outbox(
-            Path(config.outbox_dir), max_messages=config.outbox_max_messages, on_drop=self._on_outbox_drop
+            Path(config.outbox_dir),
+            max_messages=config.outbox_max_messages,
+            on_drop=self._on_outbox_drop,
+            on_dead_letter=self._on_dead_letter,
         )
         self._m_depth.set(len(self._outbox))
 
@@ -187,6 +194,11 @@ class MqttLink(Publishers, Supervisor):
     ) -> None:
         """Close the link (stop, then close the outbox)."""
         self.close()
+
+    @property
+    def outbox_epoch(self) -> str:
+        """Identity of the outbox database (``alarm_epoch`` of the alarms it numbers)."""
+        return self._outbox.epoch
 
     @property
     def outbox_depth(self) -> int:

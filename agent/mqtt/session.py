@@ -5,6 +5,7 @@ republishes status and camera states on every connection and delivers the alarm 
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -190,9 +191,14 @@ class Supervisor(LinkState):
             free = ALARM_WINDOW - len(inflight)
             if free > 0:
                 for entry in self._outbox.peek(after_seq=last_seq, limit=free):
-                    info = client.publish(entry.topic, entry.payload, qos=self.config.qos_alarm, retain=True)
-                    inflight.append((entry.seq, info))
                     last_seq = entry.seq
+                    try:
+                        json.loads(entry.payload)
+                        info = client.publish(entry.topic, entry.payload, qos=self.config.qos_alarm, retain=True)
+                    except ValueError as exc:  # not JSON, or a topic / size paho refuses: never sendable
+                        self._outbox.dead_letter(entry.seq, f"cannot be sent: {exc}")
+                        continue
+                    inflight.append((entry.seq, info))
                     if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                         break
             self._wake.wait(0.05 if self._stopping.is_set() else 0.5)
