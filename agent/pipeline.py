@@ -204,6 +204,7 @@ class Agent:
         self.alarms: AlarmStore | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = False
+        self._store_error_logged = -math.inf
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> int:
@@ -644,7 +645,10 @@ class Agent:
             restored = base.copy() if base is not None else RoiDecision(current.rule)
             restored.set_rule(current.rule)
             runtime.decisions[roi] = restored
-            log.error(
+            now = time.monotonic()
+            quiet = now - self._store_error_logged < 10.0  # retried every frame: one error line per 10 s
+            self._store_error_logged = now if not quiet else self._store_error_logged
+            (log.debug if quiet else log.error)(
                 "alarm %s/%s %s -> %s NOT stored; the ROI is back to %s and the transition is retried: %s",
                 name,
                 roi,
