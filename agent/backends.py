@@ -93,6 +93,33 @@ def split_model_path(path: Path) -> tuple[Path, Path | None]:
     raise BackendError(f"model.path {path} not found; set model.path in config.toml or pass --model PKG_DIR")
 
 
+def check_calibration(calibration: Calibration, root: Path) -> None:
+    """Refuse calibration values the pipeline cannot use (NaN, inf, thresholds <= 0, empty range).
+
+    Raises:
+        ConfigError: names the manifest field and the fix.
+    """
+    where = f"{root}/manifest.json calibration"
+    for key in ("image_threshold", "pixel_threshold", "norm_min", "norm_max"):
+        value = getattr(calibration, key)
+        if not math.isfinite(value):
+            raise ConfigError(
+                f"{where}.{key} is {value}: re-run `fod calibrate --model {root}`, or set model.threshold / "
+                "model.pixel_threshold in config.toml"
+            )
+    for key in ("image_threshold", "pixel_threshold"):
+        if getattr(calibration, key) <= 0:
+            raise ConfigError(
+                f"{where}.{key} is {getattr(calibration, key)}, it must be > 0: re-run `fod calibrate --model {root}` "
+                "or set model.threshold in config.toml"
+            )
+    if calibration.norm_max <= calibration.norm_min:
+        raise ConfigError(
+            f"{where}: norm_max ({calibration.norm_max}) must be above norm_min ({calibration.norm_min}); "
+            f"re-run `fod calibrate --model {root}`"
+        )
+
+
 def effective_calibration(package: ModelPackage, config: ModelConfig) -> tuple[Calibration, bool]:
     """The calibration in force: the package's with the config's overrides applied.
 
@@ -113,7 +140,9 @@ def effective_calibration(package: ModelPackage, config: ModelConfig) -> tuple[C
             updates["image_threshold"] = config.threshold
         if config.pixel_threshold is not None:
             updates["pixel_threshold"] = config.pixel_threshold
-        return (calibration.model_copy(update=updates) if updates else calibration), True
+        effective = calibration.model_copy(update=updates) if updates else calibration
+        check_calibration(effective, package.root)
+        return effective, True
     if config.threshold is None:
         raise ConfigError(
             f"model package {package.root} has no calibration (no threshold); run "

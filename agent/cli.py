@@ -226,12 +226,23 @@ def setup_logging(fmt: str = "text", level: str = "INFO") -> None:
 
 
 def _check_config(config: Any, origin: str) -> int:
+    """Validate what the run would refuse, including the model package's manifest and calibration."""
     warnings = []
     path = config.model.path
     if path is None:
         warnings.append("model.path is not set: pass --model PKG_DIR when starting the agent")
     elif not Path(path).exists():
         warnings.append(f"model.path {path} does not exist on this machine")
+    else:
+        from agent.backends import effective_calibration
+        from fod.errors import FodError
+        from fod.package import ModelPackage
+
+        try:
+            effective_calibration(ModelPackage(Path(path)), config.model)
+        except (AgentError, FodError, ValueError, OSError) as exc:
+            print(f"fod-agent: error: {origin}: model.path {path}: {exc}", file=sys.stderr)
+            return 2
     for camera in config.cameras:
         source = str(camera.source)
         if camera.kind in ("file", "folder") and not Path(source).exists():

@@ -25,7 +25,7 @@ _NAME_HINT = "use letters, digits, '_', '-' or '.' (it becomes an MQTT topic lev
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)  # inf/NaN never valid
 
 
 class RoiConfig(_Section):
@@ -95,8 +95,12 @@ class CameraConfig(_Section):
     height_px: int | None = Field(
         default=None, gt=0, description="cameras only: frame height requested from the driver"
     )
-    reconnect_min_s: float = Field(default=0.5, gt=0, description="first wait before reopening a failed source, s")
-    reconnect_max_s: float = Field(default=30.0, gt=0, description="cap of the exponential reopen back-off, s")
+    reconnect_min_s: float = Field(
+        default=0.5, gt=0, le=3600, description="first wait before reopening a failed source, s (at most 3600)"
+    )
+    reconnect_max_s: float = Field(
+        default=30.0, gt=0, le=3600, description="cap of the exponential reopen back-off, s (at most 3600)"
+    )
     max_read_failures: int = Field(
         default=5, ge=1, description="consecutive failed reads of a live source before it is reopened"
     )
@@ -110,6 +114,15 @@ class CameraConfig(_Section):
         min_length=1,
         description="regions of interest ([[cameras.rois]])",
     )
+
+    @field_validator("source")
+    @classmethod
+    def _check_source(cls, value: str | int) -> str | int:
+        if isinstance(value, int) and value < 0:
+            raise ValueError(f"camera index {value} is negative: use 0 for the first camera (/dev/video0)")
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit() and int(value) < 0:
+            raise ValueError(f"camera index {value} is negative: use 0 for the first camera (/dev/video0)")
+        return value
 
     @field_validator("name")
     @classmethod

@@ -44,7 +44,7 @@ def validate_topic_level(name: str, what: str = "camera name") -> str:
 class MqttTlsConfig(BaseModel):
     """TLS settings of the broker connection (``[mqtt.tls]``); present = TLS on."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     ca_file: Path | None = Field(
         default=None,
@@ -107,7 +107,7 @@ class MqttTlsConfig(BaseModel):
 class MqttConfig(BaseModel):
     """MQTT settings of the agent (the ``[mqtt]`` section of ``config.toml``)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     host: str = Field(default="localhost", min_length=1, description="Broker host name or IP address.")
     port: int = Field(default=1883, ge=1, le=65535, description="Broker TCP port (1883 plain, 8883 TLS).")
@@ -148,9 +148,11 @@ class MqttConfig(BaseModel):
         default=1.0, ge=0.0, description="Minimum time between two images of one kind per camera (s)."
     )
     reconnect_min_s: float = Field(
-        default=0.5, gt=0.0, description="First reconnect delay (s); doubles per failure."
+        default=0.5, gt=0.0, le=3600.0, description="First reconnect delay (s, at most 3600); doubles per failure."
     )
-    reconnect_max_s: float = Field(default=30.0, gt=0.0, description="Cap of the reconnect delay (s).")
+    reconnect_max_s: float = Field(
+        default=30.0, gt=0.0, le=3600.0, description="Cap of the reconnect delay (s, at most 3600)."
+    )
     outbox_dir: Path = Field(
         default=Path("var/outbox"),
         description="Folder of the on-disk alarm outbox (one per agent); relative to the working directory.",
@@ -258,6 +260,11 @@ class MqttConfig(BaseModel):
             update["tls"] = self.tls or MqttTlsConfig()
             update["port"] = port or 8883
         else:
+            if self.tls is not None:
+                raise BrokerError(
+                    f"--broker {scheme}://{parts.hostname} is plain MQTT but config.toml has an [mqtt.tls] section; "
+                    f"use --broker mqtts://{parts.hostname} to keep TLS, or remove [mqtt.tls] to connect without it"
+                )
             update["tls"] = None
             update["port"] = port or 1883
         if parts.username:

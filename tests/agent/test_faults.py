@@ -148,7 +148,8 @@ def test_alarm_is_not_lost_when_the_outbox_disk_is_full(
     failing = until(lambda: problems_matching(agent, "alarm store failing"), "the failure in /healthz")
     assert "full" in failing[0]  # the cause, not "cannot rollback"
     assert agent.metrics.value("fod_alarm_store_failures_total") >= 1
-    assert agent.link is not None and agent.link.outbox_depth == 0
+    assert agent.link is not None
+    assert agent.link.outbox_depth == 0
     assert "full" not in agent.cameras["cam0"].committed  # the transition was not taken (retried every frame)
     until(lambda: unhealthy_status(sub, topic_root, "alarm store failing"), "the failure in the status message")
     assert agent.metrics.value("fod_healthy") == 0

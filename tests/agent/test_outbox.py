@@ -131,7 +131,8 @@ def test_damaged_row_is_dead_lettered_and_delivery_goes_on(tmp_path, caplog):
         assert box.dead_letter_seqs() == [2, 4]
         assert box.dead_letters == 2
         assert len(box) == 3
-        assert "alarm_seq=2" in caplog.text and "alarm_seq=4" in caplog.text
+        assert "alarm_seq=2" in caplog.text
+        assert "alarm_seq=4" in caplog.text
         assert box.add("t", payload).seq == 6  # numbering goes on
 
 
@@ -177,6 +178,11 @@ def test_epoch_survives_restart_and_changes_with_a_new_database(tmp_path):
         assert box.epoch != epoch
 
 
+def add_many(box: Outbox, n: int) -> None:
+    for _ in range(n):
+        box.add("t", big)
+
+
 @pytest.fixture
 def tiny_fs(tmp_path: Path):
     """A 512 kB tmpfs (needs root / CAP_SYS_ADMIN; skipped otherwise)."""
@@ -199,8 +205,7 @@ def test_full_disk_is_reported_with_its_cause_and_nothing_is_stored(tiny_fs):
             while True:
                 f.write(b"\0" * 4096)
         with pytest.raises(OutboxError, match="full") as err:
-            for _ in range(200):  # the WAL may absorb a few pages
-                box.add("t", big)
+            add_many(box, 200)  # the WAL may absorb a few pages
         assert "no transaction is active" not in str(err.value)
         assert "not stored" in str(err.value)
         depth = len(box)
