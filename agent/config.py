@@ -173,6 +173,11 @@ class ModelConfig(_Section):
         description="raw anomaly-map value at or above which a pixel is in the published mask; default: the "
         "package calibration, else the image threshold",
     )
+    reload_dir: Path | None = Field(
+        default=None,
+        description="the reload_model command may load packages only inside this folder (symlinks resolved); "
+        "unset = reload_model can only reload the current model.path",
+    )
     onnx_threads: int | None = Field(
         default=None,
         ge=1,

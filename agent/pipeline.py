@@ -797,6 +797,13 @@ class Agent:
                     f"camera {command.camera!r} has no ROI {unknown[0]!r}; ROIs: {sorted(runtime.thresholds)}",
                     command=command.name,
                 )
+            limit = self._threshold_limit()
+            if command.threshold > limit:
+                raise CommandError(
+                    f"threshold {command.threshold:g} is above {limit:g} (1000 x the calibrated threshold): "
+                    "it would switch detection off; send a value in model score units",
+                    command=command.name,
+                )
             for roi in names:
                 runtime.thresholds[roi] = command.threshold
                 rule = runtime.decisions[roi].rule
@@ -827,6 +834,28 @@ class Agent:
             return await self._reload(command)
         raise CommandError(f"command {type(command).__name__} is not handled by this agent")
 
+    def _confined(self, path: Path, command: str) -> Path:
+        """``path`` resolved, when it lies inside ``model.reload_dir``; else CommandError."""
+        allowed = self.config.model.reload_dir
+        if allowed is None:
+            raise CommandError(
+                f"loading {path} refused: model.reload_dir is not set, so reload_model may only reload the "
+                "current model (send it without path), or set model.reload_dir in config.toml",
+                command=command,
+            )
+        resolved, root = path.resolve(), allowed.resolve()
+        if not resolved.is_relative_to(root):
+            raise CommandError(
+                f"loading {path} refused: it is outside model.reload_dir {root}; copy the package there",
+                command=command,
+            )
+        return resolved
+
+    def _threshold_limit(self) -> float:
+        """Highest threshold a command may set: 1000 x the calibrated image threshold."""
+        model = self.model
+        return 1000.0 * model.calibration.image_threshold if model is not None else math.inf
+
     def _runtime(self, camera: str, command: str) -> CameraRuntime:
         runtime = self.cameras.get(camera)
         if runtime is None:
@@ -838,6 +867,8 @@ class Agent:
         path = Path(command.path) if command.path is not None else None
         if path is None and self.model is not None and self.config.model.path is None:
             raise CommandError('no model path to reload from; pass {"path": ...}', command=command.name)
+        if path is not None:
+            path = self._confined(path, command.name)
 
         def swap() -> LoadedModel:
             new = load_model(self.config.model, path=path)

@@ -5,7 +5,8 @@ network loop in paho's thread via ``loop_start``) and a supervisor thread that c
 forever with capped exponential back-off (``reconnect_min_s`` doubling up to ``reconnect_max_s``)
 and delivers alarms from the on-disk outbox (:mod:`agent.outbox`).
 
-On every (re)connection, in this order: subscribe ``<root>/cmd/#``; publish ``online`` on
+On every (re)connection, in this order: subscribe ``<root>/cmd/#`` (only with ``mqtt.commands = true``;
+every command must then be signed, see :class:`agent.commands.CommandAuth`); publish ``online`` on
 ``<root>/status`` (retained); republish the latest state of every camera (retained); deliver the
 outbox from its oldest entry, in order, at most :data:`ALARM_WINDOW` unacknowledged at a time. An
 alarm leaves the outbox only when the broker acknowledged it (PUBACK for QoS 1, PUBCOMP for QoS 2).
@@ -45,7 +46,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from prometheus_client import CollectorRegistry
 
-from agent.commands import Command
+from agent.commands import Command, CommandAuth
 from agent.mqtt.commands import CommandQueue
 from agent.mqtt.config import MqttConfig
 from agent.mqtt.publishers import Publishers
@@ -71,7 +72,8 @@ class MqttLink(Publishers, Supervisor):
         registry: Prometheus registry for the link's metrics; None = a private one.
 
     Raises:
-        BrokerError: ``password_env`` names an unset variable, or a TLS file cannot be loaded.
+        BrokerError: ``password_env`` or ``command_secret_env`` names an unset variable, or a TLS file
+            cannot be loaded.
         agent.outbox.OutboxError: ``outbox_dir`` is not writable or used by another agent.
         ValueError: ``agent_id`` is empty.
 
@@ -120,8 +122,13 @@ class MqttLink(Publishers, Supervisor):
         self._sessions = 0
 
         self._init_metrics(registry)
+        secret = config.command_secret()
         self._commands = CommandQueue(
-            self.root, on_command=on_command, respond=self._respond, counter=self._m_commands
+            self.root,
+            on_command=on_command,
+            respond=self._respond,
+            counter=self._m_commands,
+            auth=CommandAuth(secret, max_age_s=config.command_max_age_s) if secret is not None else None,
         )
 
         self._outbox = Outbox(

@@ -155,7 +155,8 @@ class Supervisor(LinkState):
     def _session(self, client: mqtt.Client, session: _Session) -> bool:
         """Run one connection; return True when it ended because of :meth:`stop` (still connected)."""
         with self._lock:  # held until _client is set, so a command response never finds it unset
-            client.subscribe(self.command_filter, qos=1)
+            if self.config.commands:
+                client.subscribe(self.command_filter, qos=1)
             self._publish_status(client, "online")
             for camera, state in self._states.items():
                 self._publish_state(client, camera, state)
