@@ -247,8 +247,26 @@ class PipelineConfig(_Section):
 class HttpConfig(_Section):
     """The HTTP server: /metrics, /healthz, / (status page), /preview.mjpg."""
 
-    host: str = Field(default="0.0.0.0", description="address to listen on; 127.0.0.1 keeps it local to the box")
+    host: str = Field(
+        default="127.0.0.1",
+        description="address to listen on: 127.0.0.1 (default) keeps it local to the box; 0.0.0.0 = every interface "
+        "(set token_env then, see docs/deployment.md, Security)",
+    )
     port: int = Field(default=8080, ge=0, le=65535, description="TCP port; 0 disables the HTTP server")
+    token_env: str | None = Field(
+        default=None,
+        description="NAME of the environment variable holding an access token; when set, /, /metrics and "
+        "/preview.mjpg need 'Authorization: Bearer <token>' or ?token=<token> (/healthz stays open)",
+    )
+    max_connections: int = Field(
+        default=16, ge=1, le=1024, description="open connections served at once; more are answered 503 and closed"
+    )
+    request_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=300,
+        description="a connection idle for this long (no request, or a preview client not reading) is closed, s",
+    )
     preview_fps: float = Field(default=5.0, gt=0, le=60, description="frame rate of /preview.mjpg, frames/s")
     preview_width_px: int = Field(default=640, ge=64, description="width of the preview frames in px (aspect kept)")
 
