@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 
 from agent import __version__
 from agent.errors import AgentError, BrokerError, ConfigError
+from agent.redact import RedactingFilter, redact
 
 log = logging.getLogger("agent")
 
@@ -217,6 +218,7 @@ def setup_logging(fmt: str = "text", level: str = "INFO") -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(threadName)s]: %(message)s"))
     handler.set_name("fod-agent")
+    handler.addFilter(RedactingFilter())  # no password of a camera URL ever reaches the log
     root = logging.getLogger()
     for old in list(root.handlers):
         if old.get_name() == "fod-agent":  # ours from an earlier call; other handlers (pytest's) stay
@@ -306,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.broker:
             config = apply_broker(config, args.broker)
     except (ConfigError, BrokerError) as exc:
-        print(f"fod-agent: error: {exc}", file=sys.stderr)
+        print(f"fod-agent: error: {redact(str(exc))}", file=sys.stderr)
         return 2
     if args.check_config:
         return _check_config(config, origin)
@@ -314,10 +316,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return asyncio.run(_serve(config))
     except ConfigError as exc:
-        print(f"fod-agent: error: {exc}", file=sys.stderr)
+        print(f"fod-agent: error: {redact(str(exc))}", file=sys.stderr)
         return 2
     except AgentError as exc:
-        print(f"fod-agent: error: {exc}", file=sys.stderr)
+        print(f"fod-agent: error: {redact(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -39,6 +39,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, g
 
 from agent.config import HttpConfig
 from agent.errors import HttpError
+from agent.redact import redact_any
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ class AgentHttpServer:
     ) -> None:
         self.config = config
         self.registry = registry
-        self.health = health
+        self.health: HealthFn = lambda: _redacted(health)
         self.cameras = cameras
         self.preview = preview
         self._server: ThreadingHTTPServer | None = None
@@ -258,6 +259,11 @@ class AgentHttpServer:
         if self._thread is not None:
             self._thread.join(2.0)
             self._thread = None
+
+
+def _redacted(health: HealthFn) -> tuple[bool, dict[str, Any]]:
+    healthy, details = health()
+    return healthy, redact_any(details)
 
 
 def _make_handler(app: AgentHttpServer) -> type[BaseHTTPRequestHandler]:

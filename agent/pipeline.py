@@ -50,6 +50,7 @@ from agent.health import WorkLog
 from agent.http import AgentHttpServer, PreviewHub
 from agent.metrics import AgentMetrics
 from agent.mqtt.link import MqttLink
+from agent.redact import redact
 from agent.render import (
     Box,
     MapScale,
@@ -361,7 +362,7 @@ class Agent:
             frames_captured=status.frames_captured,
             frames_dropped=status.frames_dropped,
             reconnects=status.reconnects,
-            error=status.error,
+            error=redact(status.error) if status.error is not None else None,
         )
         try:
             self.link.publish_camera_state(status.camera, payload)
@@ -434,6 +435,7 @@ class Agent:
         if self.alarms is not None:
             problems += self.alarms.problems()
         problems += self._dead_workers()
+        problems = [redact(p) for p in problems]
         link = self.link
         return not problems, {
             "problems": problems,
