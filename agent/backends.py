@@ -93,6 +93,22 @@ def split_model_path(path: Path) -> tuple[Path, Path | None]:
     raise BackendError(f"model.path {path} not found; set model.path in config.toml or pass --model PKG_DIR")
 
 
+def check_input_size(package: ModelPackage, config: ModelConfig) -> None:
+    """Refuse a package whose graph input is larger than ``model.max_input_side_px`` (before any allocation).
+
+    Raises:
+        ConfigError: names the manifest, the size and the limit.
+    """
+    height, width = package.image_size
+    limit = config.max_input_side_px
+    if not (0 < height <= limit and 0 < width <= limit):
+        raise ConfigError(
+            f"{package.root}/manifest.json declares an input of {height}x{width} px, outside 1..{limit} px per side "
+            f"(model.max_input_side_px): refusing it before allocating buffers; export the model at a smaller "
+            "input size, or raise model.max_input_side_px if the box has the memory"
+        )
+
+
 def check_calibration(calibration: Calibration, root: Path) -> None:
     """Refuse calibration values the pipeline cannot use (NaN, inf, thresholds <= 0, empty range).
 
@@ -243,6 +259,7 @@ def load_model(config: ModelConfig, *, path: Path | None = None) -> LoadedModel:
         package = ModelPackage(package_dir)
     except FodError as exc:
         raise BackendError(f"model package refused: {exc}") from exc
+    check_input_size(package, config)
     calibration, calibrated = effective_calibration(package, config)
 
     requested = config.backend

@@ -236,12 +236,14 @@ def _check_config(config: Any, origin: str) -> int:
     elif not Path(path).exists():
         warnings.append(f"model.path {path} does not exist on this machine")
     else:
-        from agent.backends import effective_calibration
+        from agent.backends import check_input_size, effective_calibration, split_model_path
         from fod.errors import FodError
         from fod.package import ModelPackage
 
         try:
-            effective_calibration(ModelPackage(Path(path)), config.model)
+            package = ModelPackage(split_model_path(Path(path))[0])
+            check_input_size(package, config.model)
+            effective_calibration(package, config.model)
         except (AgentError, FodError, ValueError, OSError) as exc:
             print(f"fod-agent: error: {origin}: model.path {path}: {exc}", file=sys.stderr)
             return 2

@@ -104,6 +104,13 @@ class CameraConfig(_Section):
     max_read_failures: int = Field(
         default=5, ge=1, description="consecutive failed reads of a live source before it is reopened"
     )
+    max_frame_side_px: int = Field(
+        default=8192,
+        ge=16,
+        le=65536,
+        description="frames wider or taller than this (px) are dropped and counted "
+        "(fod_frames_broken_total{reason=\"too_large\"}) before any crop, render or snapshot allocates for them",
+    )
     stale_after_s: float = Field(
         default=5.0,
         gt=0,
@@ -172,6 +179,13 @@ class ModelConfig(_Section):
         gt=0,
         description="raw anomaly-map value at or above which a pixel is in the published mask; default: the "
         "package calibration, else the image threshold",
+    )
+    max_input_side_px: int = Field(
+        default=2048,
+        ge=16,
+        le=16384,
+        description="largest graph input (height or width, px) a model package may declare; checked before any "
+        "buffer is allocated (a 20000 px manifest would need tens of GB)",
     )
     reload_dir: Path | None = Field(
         default=None,

@@ -206,6 +206,7 @@ class Agent:
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = False
         self._store_error_logged = -math.inf
+        self._log_times: dict[tuple[str, str], float] = {}
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> int:
@@ -478,6 +479,8 @@ class Agent:
             if self.paused:
                 self.metrics.frame_dropped(name, "paused")
                 continue
+            if not self._frame_fits(runtime, frame):
+                continue
             model = self.model
             if model is None:
                 raise AgentError("internal error: model used before the agent started (run() sets it up)")
@@ -499,6 +502,22 @@ class Agent:
             except Exception:
                 self.metrics.errors.labels("decision").inc()
                 log.exception("camera %s: publishing frame %s failed", name, frame.seq)
+
+    def _frame_fits(self, runtime: CameraRuntime, frame: Frame) -> bool:
+        """False (frame counted as broken, reason ``too_large``) when a side exceeds ``max_frame_side_px``."""
+        limit = runtime.config.max_frame_side_px
+        height, width = frame.image.shape[:2]
+        if height <= limit and width <= limit:
+            return True
+        name = runtime.config.name
+        self.metrics.frame_broken(name, "too_large")
+        reason = f"frame of {width}x{height} px is larger than cameras.max_frame_side_px = {limit}"
+        runtime.work.failed(reason)
+        now = time.monotonic()
+        if now - self._log_times.get(("too_large", name), -math.inf) >= 10.0:  # one line per 10 s per camera
+            self._log_times[("too_large", name)] = now
+            log.warning("camera %s: %s: dropped (frame %s; further ones counted quietly)", name, reason, frame.seq)
+        return False
 
     def _score(self, camera: CameraConfig, frame: Frame, taken: float) -> ScoredFrame:
         """Crop, preprocess and score every ROI of a frame as one batch (inference thread)."""

@@ -237,6 +237,7 @@ def model_with(toy_package: Path, runner_cls: type[NanRunner]) -> LoadedModel:
         ("failing", "inference failed"),  # every inference raises
         ("outside", "outside"),  # the only ROI lies outside the frame
         ("paused", "paused"),  # someone paused scoring
+        ("too_large", "larger than cameras.max_frame_side_px"),  # frames over the documented size limit
     ],
 )
 def test_health_is_derived_from_work_done(
@@ -257,6 +258,8 @@ def test_health_is_derived_from_work_done(
         model = model_with(toy_package, FailingRunner)
     elif fault == "outside":
         overrides["cameras.0.rois"] = [{"name": "off", "box_px": [500, 500, 10, 10]}]
+    elif fault == "too_large":
+        overrides["cameras.0.max_frame_side_px"] = 64  # the conveyor's frames are 128x96
     run, _ = agent_on(model=model, **overrides)
     agent = run.agent
     if fault == "paused":
@@ -266,6 +269,9 @@ def test_health_is_derived_from_work_done(
     assert found
     until(lambda: agent.metrics.value("fod_healthy") == 0, "fod_healthy 0")
     assert agent.metrics.value("fod_health_problems") >= 1
+    if fault == "too_large":
+        assert agent.metrics.value("fod_frames_broken_total", {"camera": "cam0", "reason": "too_large"}) >= 1
+        assert agent.metrics.value("fod_frames_scored_total") == 0
     until(lambda: unhealthy_status(sub, topic_root, reason), "the reason in the status message")
     run.stop()
 
