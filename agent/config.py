@@ -294,6 +294,12 @@ class SnapshotConfig(_Section):
         default=500.0, gt=0, description="delete the oldest snapshots above this total size, MB"
     )
     max_age_h: float = Field(default=168.0, gt=0, description="delete snapshots older than this, hours")
+    min_free_mb: float = Field(
+        default=1000.0,
+        ge=0,
+        description="free space a snapshot must leave on its disk, MB; the oldest snapshots are deleted first, "
+        "else the snapshot is skipped, so snapshots never starve the alarm outbox (0 = no check)",
+    )
     min_interval_s: float = Field(
         default=1.0, ge=0, description="at most one automatic snapshot per camera in this interval, s"
     )

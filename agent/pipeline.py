@@ -191,6 +191,7 @@ class Agent:
             max_total_mb=config.snapshots.max_total_mb,
             max_age_h=config.snapshots.max_age_h,
             on_pruned=self.metrics.snapshots_pruned.inc,
+            min_free_mb=config.snapshots.min_free_mb,
         )
         self.cameras: dict[str, CameraRuntime] = {}
         self.paused = False
