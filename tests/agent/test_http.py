@@ -215,3 +215,33 @@ def test_idle_connections_are_bounded_and_time_out(guarded: AgentHttpServer) -> 
     finally:
         for sock in idle:
             sock.close()
+
+
+def test_watchdog_restarts_an_agent_unhealthy_for_too_long(
+    server: tuple[AgentHttpServer, Health, Counter], tmp_path: Any
+) -> None:
+    """Issue 14 item 1: deploy/healthcheck.py --mode healthy acts on sustained derived-health failure."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    app, health, _ = server
+    script = Path(__file__).resolve().parents[2] / "deploy" / "healthcheck.py"
+    state = tmp_path / "watchdog.state"
+
+    def check(max_s: float) -> int:
+        url = f"http://127.0.0.1:{app.port}/healthz"
+        cmd = [sys.executable, str(script), "--mode", "healthy", "--url", url, "--state", str(state)]
+        return subprocess.run([*cmd, "--max-unhealthy-s", str(max_s)], capture_output=True).returncode
+
+    assert check(0) == 0  # healthy
+    assert not state.exists()
+    health.healthy = False
+    assert check(3600) == 0  # unhealthy, within the grace period: no restart
+    assert state.exists()
+    assert check(3600) == 0
+    state.write_text("0\n")  # first seen unhealthy long ago
+    assert check(3600) == 1  # restart
+    assert not state.exists()  # a new grace period after the restart
+    health.healthy = True
+    assert check(0) == 0
