@@ -224,6 +224,9 @@ def setup_logging(fmt: str = "text", level: str = "INFO") -> None:
         if old.get_name() == "fod-agent":  # ours from an earlier call; other handlers (pytest's) stay
             root.removeHandler(old)
     root.addHandler(handler)
+    for other in root.handlers:  # handlers others installed (fod's CLI, libraries) redact too
+        if not any(isinstance(f, RedactingFilter) for f in other.filters):
+            other.addFilter(RedactingFilter())
     root.setLevel(level)
 
 
