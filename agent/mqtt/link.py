@@ -24,6 +24,13 @@ The Last Will is a retained ``offline`` :class:`~agent.schemas.StatusPayload` on
 :meth:`MqttLink.stop` flushes the outbox (bounded by its timeout), publishes ``offline`` itself and
 disconnects cleanly.
 
+Alarms first: results and images are counted from the moment they are handed to paho until paho
+has written them to the socket. When more than :data:`~agent.mqtt.base.BACKLOG_LIMIT_BYTES` of them
+wait (a slow uplink), further ones are dropped (``fod_mqtt_messages_dropped_total{reason="backlog"}``);
+while an alarm is stored and not yet acknowledged, that limit drops to
+:data:`~agent.mqtt.base.ALARM_FIRST_BYTES` (``reason="alarm_first"``). An alarm therefore waits
+behind at most that much image data: its latency is bounded by the link, not by the image rate.
+
 Threads: ``publish_*`` are thread-safe and never wait for the network (``publish_alarm`` waits for
 one sqlite fsync). ``on_command`` runs in the link's own command thread, one command at a time in
 arrival order (neither paho's network thread, whose keep-alive must go on during a slow model
@@ -120,6 +127,10 @@ class MqttLink(Publishers, Supervisor):
         self._result_counts: dict[tuple[str, str], int] = {}
         self._image_last: dict[tuple[str, str], float] = {}
         self._sessions = 0
+        self._backlog_lock = threading.Lock()  # never held while calling paho
+        self._backlog: dict[int, int] = {}
+        self._backlog_bytes = 0
+        self._backlog_early: set[int] = set()
 
         self._init_metrics(registry)
         secret = config.command_secret()

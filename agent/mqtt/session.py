@@ -68,6 +68,7 @@ class Supervisor(LinkState):
             self._wake.set()
 
         def on_publish(c: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+            self._sent(mid)
             self._wake.set()
 
         def on_message(c: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
@@ -209,6 +210,7 @@ class Supervisor(LinkState):
         return 0.5
 
     def _end_session(self, client: mqtt.Client, graceful: bool) -> None:
+        self._reset_backlog()
         with self._lock:
             self._client = None
             self.connected.clear()

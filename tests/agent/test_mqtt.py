@@ -790,3 +790,46 @@ def test_a_retained_command_acts_once_even_when_cleared_and_resubscribed(
     cleared = sub.wait_for(f"{topic_root}/cmd/response", 3)[-1].json()
     assert cleared["ok"] is False
     assert rec.commands == [Pause(request_id="once")]
+
+
+# --- issue 14 item 5: alarms first
+
+
+def test_results_and_images_yield_to_an_unacknowledged_alarm(mosquitto, subscriber, topic_root, make_link):
+    """A broker that stops reading (SIGSTOP: TCP stays up, buffers fill, no PUBACK) is a saturated uplink."""
+    import os
+    import signal
+    import socket
+
+    from agent.mqtt.base import ALARM_FIRST_BYTES, BACKLOG_LIMIT_BYTES
+
+    sub = subscriber(mosquitto, f"{topic_root}/#")
+    link = make_link(mosquitto, images="all", image_min_interval_s=0.0, keepalive_s=60)
+    link.start()
+    assert link.connected.wait(5)
+    sub.wait_for(f"{topic_root}/status", 1)
+    assert link._client is not None
+    link._client.socket().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32 * 1024)  # a thin uplink
+    assert link.publish_result("cam0", result(0))  # nothing waits: sent
+    pid = mosquitto.proc.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        image = b"\xff" * 500_000
+        sent = [link.publish_image("cam0", "overlay", image) for _ in range(100)]  # 50 MB into a stopped broker
+        backlog = metric(link, "fod_mqtt_messages_dropped_total", kind="overlay", reason="backlog")
+        assert backlog == sent.count(False) > 0  # images gave way instead of queuing without bound
+        assert link._backlog_bytes <= BACKLOG_LIMIT_BYTES + len(image)
+        link.publish_alarm("cam0", alarm(1))  # waits behind at most that bounded backlog
+        results = [link.publish_result("cam0", result(i)) for i in range(1, 51)]
+        dropped = metric(link, "fod_mqtt_messages_dropped_total", kind="result", reason="backlog")
+        dropped += metric(link, "fod_mqtt_messages_dropped_total", kind="result", reason="alarm_first")
+        assert dropped == results.count(False) > 0  # results give way while the alarm waits
+        assert link._backlog_bytes <= BACKLOG_LIMIT_BYTES + len(image) + ALARM_FIRST_BYTES
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert sub.wait_for(f"{topic_root}/cam0/alarm", 1, timeout_s=60)[0].json()["alarm_seq"] == 1
+    deadline = time.monotonic() + 60
+    while link.outbox_depth and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert link.publish_result("cam0", result(51))  # the alarm is through: results flow again
+    assert sub.wait_until(f"{topic_root}/cam0/result", lambda ms: any(m.json()["seq"] == 51 for m in ms), 60)
