@@ -38,7 +38,7 @@ YIELDING_KINDS = frozenset({"result", "mask", "overlay"})
 ALARM_FIRST_BYTES = 16 * 1024
 """While alarms wait in the outbox, results and images are dropped (``reason="alarm_first"``) as soon as
 more than this many bytes of them wait for the socket (a fast link never gets there)."""
-BACKLOG_LIMIT_BYTES = 256 * 1024
+BACKLOG_LIMIT_BYTES = 64 * 1024
 """Results and images handed to paho and not yet written to the socket, in bytes, above which more are
 dropped (``reason="backlog"``): on a slow uplink they would otherwise queue in front of the next alarm."""
 

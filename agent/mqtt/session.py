@@ -5,8 +5,10 @@ republishes status and camera states on every connection and delivers the alarm 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import socket
 import threading
 import time
 from typing import Any
@@ -20,6 +22,10 @@ log = logging.getLogger("agent.mqtt")
 
 ALARM_WINDOW = 20
 """Most alarms handed to the connection and not yet acknowledged."""
+SEND_BUFFER_BYTES = 16 * 1024
+"""SO_SNDBUF of the broker socket (Linux doubles it). The default autotunes up to megabytes, all of which
+an alarm would wait behind on a slow uplink; results and images beyond it are bounded by the link's
+backlog rule (:data:`agent.mqtt.base.BACKLOG_LIMIT_BYTES`)."""
 CONNECT_TIMEOUT_S = 5.0
 """TCP/TLS connect and CONNACK wait per attempt (s)."""
 
@@ -89,6 +95,10 @@ class Supervisor(LinkState):
             client.connect(self.config.host, self.config.port, keepalive=self.config.keepalive_s)
         except (OSError, ValueError) as exc:
             return f"{type(exc).__name__}: {exc}"
+        sock = client.socket()
+        if isinstance(sock, socket.socket):  # a small kernel send queue: an alarm never waits behind megabytes of images
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         client.loop_start()
         if not session.connack.wait(CONNECT_TIMEOUT_S) or session.reason is None:
             return f"no CONNACK within {CONNECT_TIMEOUT_S} s"
