@@ -22,7 +22,7 @@ from agent.alarms import AlarmStore
 from agent.backends import LoadedModel, load_model
 from agent.capture import CameraStatus, CameraWorker, Frame
 from agent.config import AgentConfig, CameraConfig
-from agent.errors import AgentError
+from agent.errors import AgentError, CameraError
 from agent.http import AgentHttpServer, PreviewHub
 from agent.metrics import AgentMetrics
 from agent.mqtt.link import MqttLink
@@ -86,7 +86,7 @@ class Agent(HealthChecks, Decisions, Commands):
             preview=self.preview,
         )
         self.snapshots = SnapshotStore(
-            config.snapshots.dir,
+            config.snapshots_dir,
             max_total_mb=config.snapshots.max_total_mb,
             max_age_h=config.snapshots.max_age_h,
             on_pruned=self.metrics.snapshots_pruned.inc,
@@ -116,6 +116,8 @@ class Agent(HealthChecks, Decisions, Commands):
             0.
 
         Raises:
+            CameraError: with ``exit_at_end``, a file or folder source could not be opened or held
+                no frame (after a clean shutdown).
             AgentError: startup failed (HTTP port in use, model refused, no threshold, ...); whatever
                 was started is stopped again before it propagates.
         """
@@ -139,6 +141,9 @@ class Agent(HealthChecks, Decisions, Commands):
                 )
             self.link.set_status_info(backend=self.model.backend, model=self.model.name)
             self.alarms = AlarmStore(self.link.publish_alarm, stall_s=self.config.pipeline.store_stall_s)
+            self.link.clear_retained_on_start_and_stop(self._restart_cleared_topics())
+            for runtime in self.cameras.values():  # the retained state says "connecting" from the start
+                self._publish_state(runtime.worker.status())
             self.link.start()
             wait_s = self.config.pipeline.broker_wait_s
             if wait_s and not await loop.run_in_executor(None, self.link.connected.wait, wait_s):
@@ -180,7 +185,32 @@ class Agent(HealthChecks, Decisions, Commands):
             log.info("stopping: %s", self._stop_reason)
         finally:
             await self._shutdown(tasks)
+        self._check_replays()
         return 0
+
+    def _check_replays(self) -> None:
+        """With ``exit_at_end``, a replay that could not be read is an error (a non-zero exit).
+
+        Raises:
+            CameraError: a file or folder source could not be opened or held no frame (named, with why).
+        """
+        if not self.config.exit_at_end:
+            return
+        failed = []
+        for name, runtime in self.cameras.items():
+            status = runtime.worker.status()
+            if status.state == "failed" and not runtime.worker.live_kind:
+                failed.append(f"camera {name}: {status.error}")
+        if failed:
+            raise CameraError("replay could not be read: " + "; ".join(failed))
+
+    def _restart_cleared_topics(self) -> list[str]:
+        """Retained topics whose content is void after a restart or stop: each camera's alarm, PLC alarms."""
+        root = self.config.mqtt.topic_root
+        topics = [f"{root}/{camera.name}/alarm" for camera in self.config.cameras]
+        if self.config.mqtt.plc_topics:
+            topics += [f"{root}/plc/{c.name}/{roi.name}/alarm" for c in self.config.cameras for roi in c.rois]
+        return topics
 
     def request_stop(self, reason: str = "stop requested") -> None:
         """Ask the agent to stop; safe from any thread and from signal handlers."""
@@ -243,7 +273,7 @@ class Agent(HealthChecks, Decisions, Commands):
             return
         payload = CameraStatePayload(
             camera=status.camera,
-            state=status.state,  # type: ignore[arg-type]
+            state=status.state,
             connected=status.state == "connected",
             fps=status.fps,
             last_frame_age_s=status.last_frame_age_s,

@@ -69,6 +69,7 @@ class HealthChecks(AgentState):
                 "frames_dropped": status.frames_dropped,
                 "frames_broken": status.frames_broken,
                 "reconnects": status.reconnects,
+                "stalls": status.stalls,
                 "error": status.error,
                 "thresholds": dict(runtime.thresholds),
                 "last": dict(runtime.last_scores),

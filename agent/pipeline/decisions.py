@@ -47,6 +47,7 @@ class Decisions(Images):
         runtime.scored += 1
         verdicts: dict[str, str] = {}
         results: list[dict[str, Any]] = []
+        published: list[ResultPayload] = []
         for roi in scored.rois:
             threshold = runtime.thresholds[roi.name]
             decision = runtime.decisions[roi.name]
@@ -61,6 +62,7 @@ class Decisions(Images):
             verdicts[roi.name] = verdict
             result = self._result(name, roi, seq, frame, scored, normalized, threshold, verdict, t_post)
             link.publish_result(name, result)
+            published.append(result)
             runtime.work.scored(roi.name)
             if transition is not None:
                 alarm = AlarmPayload(
@@ -83,8 +85,28 @@ class Decisions(Images):
                 "source_frame": frame.source_frame,
             }
             results.append(result.model_dump(mode="json"))
+        if self.config.mqtt.plc_topics:
+            self._publish_plc(runtime, published)
         self.metrics.end_to_end_latency.labels(name).observe(max(0.0, time.perf_counter() - frame.capture_mono))
         self._queue_publish_job(runtime, frame, scored, verdicts, results, model)
+
+    def _publish_plc(self, runtime: CameraRuntime, published: list[ResultPayload]) -> None:
+        """PLC tokens: the debounced alarm state ('1' NG / '0' OK) when it changes (and on the first
+        scored frame), and the normalised score of every scored frame (3 decimals).
+
+        The state is the ROI's debounced state as decided; should its alarm fail to be stored, the ROI
+        goes back to its stored state and the token follows on the next frame.
+        """
+        link = self.link
+        if link is None:
+            return
+        name = runtime.config.name
+        for result in published:
+            state = "1" if runtime.decisions[result.roi].state == "NG" else "0"
+            if runtime.plc_alarm.get(result.roi) != state:
+                runtime.plc_alarm[result.roi] = state
+                link.publish_plc(name, result.roi, "alarm", state)
+            link.publish_plc(name, result.roi, "score", f"{result.normalized_score:.3f}")
 
     @staticmethod
     def _result(

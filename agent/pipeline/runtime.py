@@ -100,6 +100,7 @@ class CameraRuntime:
     last_snapshot_mono: float = -math.inf
     last_preview_mono: float = -math.inf
     last_scores: dict[str, dict[str, Any]] = field(default_factory=dict)
+    plc_alarm: dict[str, str] = field(default_factory=dict)
     work: WorkLog = field(default_factory=WorkLog)
     committed: dict[str, RoiDecision] = field(default_factory=dict)
     """ROI -> its decision right after its last stored alarm (restored when a write fails)."""
