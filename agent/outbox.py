@@ -45,12 +45,11 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
 
 from agent.errors import AgentError
+from agent.outbox_repair import OutboxEntry, copy_readable, describe_row, entry_from_row, sqlite_cause
 
 try:  # POSIX only; the agent targets Linux (Jetson, x86)
     import fcntl
@@ -58,7 +57,6 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
-_T = TypeVar("_T")
 
 DB_NAME = "alarms.sqlite3"
 LOCK_NAME = "alarms.lock"
@@ -92,23 +90,6 @@ def new_epoch(now: float | None = None) -> str:
 
 class OutboxError(AgentError):
     """The outbox directory cannot be used (not writable, or in use by another process)."""
-
-
-@dataclass(frozen=True)
-class OutboxEntry:
-    """One stored alarm.
-
-    Attributes:
-        seq: Sequence number (``alarm_seq``), monotonic per outbox directory, starting at 1.
-        topic: MQTT topic to publish on.
-        payload: Message bytes (JSON of :class:`agent.schemas.AlarmPayload`).
-        created_ts: Unix time (s) at which the entry was added.
-    """
-
-    seq: int
-    topic: str
-    payload: bytes
-    created_ts: float
 
 
 class Outbox:
@@ -224,43 +205,8 @@ class Outbox:
         aside = self._move_aside()
         old = sqlite3.connect(aside, check_same_thread=False, isolation_level=None)
         db = self._connect()
-        lost: list[int] = []
         try:
-            no_rows: list[tuple[str, str]] = []
-            meta = _try(lambda: [(str(k), str(v)) for k, v in old.execute("SELECT key, value FROM meta")], no_rows)
-            db.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", meta)
-            sql_last = "SELECT seq FROM sqlite_sequence WHERE name='outbox'"
-            last = _try(lambda: int(old.execute(sql_last).fetchone()[0]), 0)
-            no_seqs: list[int] = []
-            seqs = _try(lambda: [int(r[0]) for r in old.execute("SELECT seq FROM outbox ORDER BY seq")], no_seqs)
-            if not seqs:  # the index may be damaged: probe the numbers that can still be waiting
-                seqs = list(range(max(1, last - 10 * self.max_messages), last + 1))
-            for seq in seqs:
-                try:
-                    row = old.execute("SELECT topic, payload, created_ts FROM outbox WHERE seq=?", (seq,)).fetchone()
-                except sqlite3.Error:
-                    lost.append(seq)
-                    continue
-                if row is None:
-                    continue
-                entry = _entry(seq, row)
-                if entry is None:
-                    lost.append(seq)
-                    continue
-                db.execute(
-                    "INSERT INTO outbox (seq, topic, payload, created_ts) VALUES (?, ?, ?, ?)",
-                    (seq, entry.topic, entry.payload, entry.created_ts),
-                )
-            top = max([last, *seqs])
-            if top:
-                db.execute("DELETE FROM sqlite_sequence WHERE name = 'outbox'")
-                db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('outbox', ?)", (top,))
-            for seq in lost:
-                db.execute(
-                    "INSERT OR REPLACE INTO dead_letter (seq, topic, payload, reason, moved_ts) "
-                    "VALUES (?, NULL, NULL, ?, ?)",
-                    (seq, f"unreadable in damaged database {aside.name}", time.time()),
-                )
+            lost = copy_readable(old, db, aside.name, probe=10 * self.max_messages)
         finally:
             old.close()
         log.error(
@@ -323,8 +269,8 @@ class Outbox:
                     raise
             except sqlite3.Error as exc:
                 raise OutboxError(
-                    f"cannot write alarm outbox {self.path}: {_cause(exc)}; the alarm was not stored and is retried "
-                    "(check free disk space, permissions and the disk holding mqtt.outbox_dir)"
+                    f"cannot write alarm outbox {self.path}: {sqlite_cause(exc)}; the alarm was not stored and is "
+                    "retried (check free disk space, permissions and the disk holding mqtt.outbox_dir)"
                 ) from exc
             self._depth += 1 - len(dropped)
             for entry in dropped:
@@ -364,20 +310,20 @@ class Outbox:
                     ).fetchall()
                 ]
             except sqlite3.Error as exc:
-                raise OutboxError(f"cannot read alarm outbox {self.path}: {_cause(exc)}") from exc
+                raise OutboxError(f"cannot read alarm outbox {self.path}: {sqlite_cause(exc)}") from exc
             for seq in seqs:
                 try:
                     row = self._db.execute(
                         "SELECT topic, payload, created_ts FROM outbox WHERE seq = ?", (seq,)
                     ).fetchone()
                 except sqlite3.Error as exc:
-                    self._dead_letter_locked(seq, f"unreadable: {_cause(exc)}")
+                    self._dead_letter_locked(seq, f"unreadable: {sqlite_cause(exc)}")
                     continue
                 if row is None:
                     continue
-                entry = _entry(seq, row)
+                entry = entry_from_row(seq, row)
                 if entry is None:
-                    self._dead_letter_locked(seq, f"row has invalid fields {_describe(row)}")
+                    self._dead_letter_locked(seq, f"row has invalid fields {describe_row(row)}")
                     continue
                 out.append(entry)
         return out
@@ -410,7 +356,7 @@ class Outbox:
                 raise
         except sqlite3.Error as exc:
             raise OutboxError(
-                f"cannot move damaged alarm_seq={seq} out of {self.path}: {_cause(exc)}; stop the agent and move "
+                f"cannot move damaged alarm_seq={seq} out of {self.path}: {sqlite_cause(exc)}; stop the agent and move "
                 f"{self.path} aside (the agent salvages the readable rows at the next start)"
             ) from exc
         self._depth -= max(0, gone)
@@ -457,7 +403,7 @@ class Outbox:
                     raise
                 removed = self._db.total_changes - before
             except sqlite3.Error as exc:
-                raise OutboxError(f"cannot update alarm outbox {self.path}: {_cause(exc)}") from exc
+                raise OutboxError(f"cannot update alarm outbox {self.path}: {sqlite_cause(exc)}") from exc
             self._depth -= removed
         return removed
 
@@ -492,31 +438,3 @@ class Outbox:
         """Close the outbox."""
         self.close()
 
-
-def _entry(seq: int, row: tuple[object, ...]) -> OutboxEntry | None:
-    """An entry from raw column values, or None when a value has the wrong type or is empty."""
-    topic, payload, created = row
-    if not isinstance(topic, str) or not topic or "+" in topic or "#" in topic:
-        return None
-    if not isinstance(payload, bytes | bytearray) or not payload:
-        return None
-    if not isinstance(created, int | float):
-        return None
-    return OutboxEntry(seq, topic, bytes(payload), float(created))
-
-
-def _describe(row: tuple[object, ...]) -> str:
-    return "(" + ", ".join(f"{type(v).__name__}" for v in row) + ")"
-
-
-def _cause(exc: sqlite3.Error) -> str:
-    """The sqlite error with its error name (SQLITE_FULL, SQLITE_IOERR, SQLITE_READONLY...) when known."""
-    name = getattr(exc, "sqlite_errorname", None)
-    return f"{exc} ({name})" if name else str(exc)
-
-
-def _try(fn: Callable[[], _T], default: _T) -> _T:
-    try:
-        return fn()
-    except (sqlite3.Error, TypeError, IndexError):
-        return default
