@@ -215,7 +215,7 @@ class FolderSource(Source):
         except InputError as exc:
             if path not in self._warned:  # named once per file and pass over the folder
                 self._warned.add(path)
-                log.warning("skipping %s: %s", path, exc)
+                log.warning("skipped: %s", exc)  # the message names the file
             return True, None
 
 
