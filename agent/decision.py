@@ -98,6 +98,12 @@ class RoiDecision:
             self._window = deque(self._window, maxlen=rule.m)
         self.rule = rule
 
+    def copy(self) -> RoiDecision:
+        """An independent copy (state, rule and window), to try an update before committing it."""
+        twin = RoiDecision(self.rule, state=self.state)
+        twin._window = deque(self._window, maxlen=self.rule.m)
+        return twin
+
     def update(self, score: float) -> Transition | None:
         """Feed the raw score of one frame.
 
