@@ -40,7 +40,7 @@ from agent.backends import LoadedModel, load_model
 from agent.capture import CameraStatus, CameraWorker, Frame
 from agent.commands import Command, CommandError, Pause, ReloadModel, Resume, SetThreshold, Snapshot
 from agent.config import AgentConfig, CameraConfig
-from agent.decision import DecisionRule, RoiDecision
+from agent.decision import DecisionRule, RoiDecision, summary_line
 from agent.errors import AgentError
 from agent.http import AgentHttpServer, PreviewHub
 from agent.metrics import AgentMetrics
@@ -294,6 +294,16 @@ class Agent:
         self._infer_pool.shutdown(wait=True)
         self._io_pool.shutdown(wait=True)
         log.info("agent %s stopped", self.config.agent_id)
+        for line in self.summary_lines():
+            log.info("summary: %s", line)
+
+    def summary_lines(self) -> list[str]:
+        """The run's tally per ``camera/roi``: frames, NG verdicts, alarms, NG frames the debounce held back."""
+        return [
+            summary_line(f"{name}/{roi}", decision.tally, decision.rule)
+            for name, runtime in self.cameras.items()
+            for roi, decision in runtime.decisions.items()
+        ]
 
     def _stop_cameras(self) -> None:
         for runtime in self.cameras.values():

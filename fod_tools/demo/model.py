@@ -64,6 +64,10 @@ class DemoRecipe:
             neighbours stay out of the ROI.
         roi_px: ``(x, y, width, height)`` of the region the model scores, in frame px.
         image_size: square model input in px.
+        levels: backbone strides of each FOD level (:attr:`fod.model.FODConfig.levels`).
+        d_models: transformer width of each level.
+        batch_size: training images per step.
+        lr: Adam learning rate.
         train_images: good frames to train on.
         epochs: training epochs.
         calib_good: held-out good frames for the threshold.
@@ -82,6 +86,10 @@ class DemoRecipe:
     gap: tuple[float, float] = (0.35, 0.6)
     roi_px: tuple[int, int, int, int] = (120, 40, 400, 400)
     image_size: int = 128
+    levels: tuple[tuple[int, ...], ...] = ((8,), (16,))
+    d_models: tuple[int, ...] = (128, 256)
+    batch_size: int = 4
+    lr: float = 3e-4
     train_images: int = 100
     epochs: int = 4
     calib_good: int = 100
@@ -287,8 +295,10 @@ def _train(
             f"the demo needs fod.train.train_model and fod.checkpoint.save_checkpoint ({exc}); "
             "update fod-agent, or pass --model PKG_DIR"
         ) from exc
-    config = FODConfig(image_size=recipe.image_size)
-    settings = TrainSettings(epochs=recipe.epochs, batch_size=4, lr=3e-4, seed=recipe.seed, progress=progress)
+    config = FODConfig(image_size=recipe.image_size, levels=recipe.levels, d_models=recipe.d_models)
+    settings = TrainSettings(
+        epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr, seed=recipe.seed, progress=progress
+    )
     say(f"demo model: training ({recipe.epochs} epochs)")
     model, record = train_model(images, config, settings)
     digest = hashlib.sha256()
