@@ -3,9 +3,10 @@
 What it does, so that the numbers say what FOD adds over plain feature matching:
 
 * Features: :class:`fod.backbone.FeatureExtractor` (EfficientNet-Lite0 by default, the same frozen
-  ImageNet weights and the same 3x3 average pooling as FOD). As PatchCore does, the stride-16 map is
-  upsampled (bilinear) to the stride-8 grid and concatenated with the stride-8 map: one
-  ``C0 + C1``-dimensional feature per 8x8 patch (152 for Lite0).
+  ImageNet weights and the same 3x3 average pooling as FOD). As PatchCore does, the maps of the
+  chosen strides (``--strides``, default ``8+16``) are upsampled (bilinear) to the finest one's grid
+  and concatenated: one feature per patch of the finest stride (152 dims for Lite0 at 8+16, 432 at
+  16+32). ``--strides`` takes FOD's ``--levels`` syntax with ``+`` so both read the same features.
 * Memory bank: by default the patch features of **every** training image (``train/good``): an
   exact nearest neighbour over all of them, the upper bound that PatchCore's greedy coreset
   approximates (183 k patches for magnetic-tile at 128 px; about 4 minutes on 2 cores).
@@ -83,11 +84,13 @@ class KnnRunner(Runner):
 
     @staticmethod
     def embed(extractor: FeatureExtractor, images: np.ndarray) -> torch.Tensor:
-        """``[N, H, W, 3]`` uint8 BGR -> ``[N, C0 + C1, H/8, W/8]`` float32 patch features."""
+        """``[N, H, W, 3]`` uint8 BGR -> ``[N, sum C_s, H/s0, W/s0]`` float32 patch features (s0 the finest stride)."""
         with torch.inference_mode():
-            f8, f16 = extractor(torch.from_numpy(images))
-            f16 = F.interpolate(f16, size=f8.shape[-2:], mode="bilinear", align_corners=False)
-            return torch.cat([f8, f16], dim=1)
+            maps = extractor(torch.from_numpy(images))
+            grid = maps[0].shape[-2:]
+            return torch.cat(
+                [maps[0]] + [F.interpolate(m, size=grid, mode="bilinear", align_corners=False) for m in maps[1:]], dim=1
+            )
 
     @classmethod
     def fit(
@@ -96,6 +99,7 @@ class KnnRunner(Runner):
         *,
         backbone: str = "efficientnet_lite0",
         image_size: int = 256,
+        strides: tuple[int, ...] = (8, 16),
         bank_size: int = 0,
         seed: int = 0,
         batch_size: int = 16,
@@ -106,7 +110,8 @@ class KnnRunner(Runner):
         Args:
             train_paths: good images.
             backbone: one of :data:`fod.backbone.BACKBONES`.
-            image_size: square input size in px (multiple of 16).
+            image_size: square input size in px (multiple of the coarsest stride).
+            strides: backbone strides concatenated into one patch feature.
             bank_size: patches kept; 0 (default) keeps all of them.
             seed: seed of the random subsample.
             batch_size: images per backbone call.
@@ -121,8 +126,8 @@ class KnnRunner(Runner):
         """
         from tqdm import tqdm
 
-        extractor = FeatureExtractor(backbone, image_size)
-        n_patches = len(train_paths) * (image_size // 8) ** 2
+        extractor = FeatureExtractor(backbone, image_size, strides=strides)
+        n_patches = len(train_paths) * (image_size // min(strides)) ** 2
         keep_p = min(1.0, bank_size / n_patches) if bank_size > 0 else 1.0
         generator = torch.Generator().manual_seed(seed)
         parts = []
@@ -180,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid", type=Path, default=None, help="write a PNG grid here")
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--strides", default="8+16", help="backbone strides joined by '+' (default 8+16; e.g. 16+32)")
     parser.add_argument(
         "--bank-size", type=int, default=0, help="random patches kept (default 0: all, exact nearest neighbour)"
     )
@@ -195,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             paths,
             backbone=args.backbone,
             image_size=args.image_size,
+            strides=tuple(int(s) for s in args.strides.split("+")),
             bank_size=args.bank_size,
             seed=args.seed,
             progress=not args.no_progress,
@@ -219,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             + " (PatchCore-like, no coreset)",
             "backbone": args.backbone,
             "image_size": args.image_size,
+            "strides": args.strides,
             "n_train_images": len(paths),
             "bank_size": int(runner.bank.shape[0]),
             "feature_dim": int(runner.bank.shape[1]),

@@ -19,3 +19,7 @@ class PackageError(FodError):
 
 class InputError(FodError):
     """An image handed to a predictor has the wrong dtype, rank or channel count."""
+
+
+class OptionError(FodError):
+    """A command-line option has a value the model cannot use (the message names the option and the allowed values)."""

@@ -216,7 +216,7 @@ def train_model(
             if bar is not None:
                 bar.update(1)
                 if step % 20 == 0 or step == steps_per_epoch - 1:
-                    bar.set_postfix(epoch=epoch + 1, loss=f"{float(total):.3f}",
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{float(total.detach()):.3f}",
                                     rec=",".join(f"{float(r):.3f}" for r in term_sum[:, -1] / (step + 1)))
         means = {f"l{li}_{k}": float(term_sum[li, ki]) / steps_per_epoch
                  for li in range(len(model.levels)) for ki, k in enumerate(names)}

@@ -48,25 +48,25 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train and save; print where the checkpoint went."""
-    from fod.errors import CheckpointError
+    from fod.errors import CheckpointError, OptionError
     from fod.model import FODConfig, parse_levels
     from fod.train import TrainSettings, train_run
 
     if args.epochs < 1 or args.batch_size < 1:
-        raise SystemExit("fod train: --epochs and --batch-size must be >= 1")
+        raise OptionError("--epochs and --batch-size must be >= 1")
     try:
         levels = parse_levels(args.levels)
     except ValueError as exc:
-        raise SystemExit(f"fod train: --levels {exc}") from None
+        raise OptionError(f"--levels {exc}") from None
     d_models = tuple(args.d_models) if args.d_models else tuple(128 if min(lv) <= 8 else 256 for lv in levels)
     config = FODConfig(backbone=args.backbone, image_size=args.image_size, levels=levels, d_models=d_models)
     try:
         config.validate()
     except CheckpointError as exc:
         opt = "--image-size" if "image size" in str(exc) else "--d-models" if "d_models" in str(exc) else "--levels"
-        raise SystemExit(f"fod train: {opt}: {exc}") from None
+        raise OptionError(f"{opt}: {exc}") from None
     if not 0.0 <= args.holdout <= 0.5:
-        raise SystemExit(f"fod train: --holdout {args.holdout}: give a share between 0 and 0.5 (default 0.1)")
+        raise OptionError(f"--holdout {args.holdout}: give a share between 0 and 0.5 (default 0.1)")
     settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                              device=args.device, progress=not args.no_progress, holdout=args.holdout,
                              compile=args.compile)

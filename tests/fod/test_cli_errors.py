@@ -7,6 +7,7 @@ before any training, checkpoints are written from an untrained 64 px model).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -252,3 +253,30 @@ def test_eval_run_dir_works(tmp_path: Path, capsys: pytest.CaptureFixture[str], 
     assert report["image_size"] == [64, 64]
     assert len(report["scores"]) == 7
     assert "overall" in capsys.readouterr().out
+
+
+# ---- fod train: level configuration and hold-out (checked before anything is written) --------------
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--levels", "8,64"], r"--levels '8,64': stride\(s\) \[64\] are not backbone stages; "
+                               r"choose from \[4, 8, 16, 32\]"),
+        (["--levels", "16,32", "--image-size", "200"], r"--image-size: image size 200 px: must be a multiple of the "
+                                                       r"coarsest stride 32"),
+        (["--levels", "8,16", "--d-models", "64"], "--d-models: .* one width per level"),
+        (["--holdout", "0.9"], r"--holdout 0\.9: give a share between 0 and 0\.5"),
+        (["--holdout", "0.1"], r"--holdout 0\.1 of 3 good images holds out 0; the level statistics need at least 2"),
+    ],
+)
+def test_train_bad_level_options_exit_2_and_write_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], options: list[str], message: str
+) -> None:
+    for i in range(3):
+        _write(tmp_path / "data" / f"{i:03d}.png", np.full((32, 32), 100 + i, np.uint8))
+    code, err = _run(capsys, "train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+                     "--no-progress", "--epochs", "1", *options)
+    assert code == 2
+    assert re.search(message, err), err
+    assert not (tmp_path / "run").exists()
