@@ -280,7 +280,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     except (ImportError, AttributeError) as exc:
         print(
             f"fod-agent: error: the demo is not available in this installation ({exc}); "
-            "install the full package (pip install 'fod-agent[demo]') "
+            "install the full package (pip install -e '.[train,demo]' in the fod-agent clone) "
             "or run the agent with --model and --source",
             file=sys.stderr,
         )

@@ -22,12 +22,15 @@ Commands arrive from the MQTT link's thread and are handed to the event loop wit
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +66,7 @@ from fod.preprocess import crop_box, to_model_input
 log = logging.getLogger(__name__)
 
 COMMAND_TIMEOUT_S = 5.0
+RECENT_ALARMS = 20  # alarm transitions kept for the status page
 RELOAD_TIMEOUT_S = 120.0
 
 
@@ -191,6 +195,10 @@ class Agent:
         self._io_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="publish")
         self._publish_queue: asyncio.Queue[PublishJob] | None = None
         self._owns_model = model is None
+        #: the last alarm transitions, newest first (status page, ``/healthz``)
+        self.recent_alarms: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_ALARMS)
+        #: extra lines for the status page, ``label -> text`` (the demo's tally against ground truth)
+        self.status_notes: Callable[[], dict[str, str]] | None = None
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> int:
@@ -393,6 +401,7 @@ class Agent:
                 "error": status.error,
                 "thresholds": dict(runtime.thresholds),
                 "last": dict(runtime.last_scores),
+                "tally": {roi: dataclasses.asdict(d.tally) for roi, d in runtime.decisions.items()},
             }
         if not self.cameras:
             healthy = False
@@ -407,6 +416,8 @@ class Agent:
             "paused": self.paused,
             "mqtt_connected": bool(link is not None and link.connected.is_set()),
             "cameras": cameras,
+            "recent_alarms": list(self.recent_alarms),
+            "notes": self.status_notes() if self.status_notes is not None else {},
         }
 
     # ------------------------------------------------------------------ the per-camera loop
@@ -542,6 +553,18 @@ class Agent:
             if alarm is not None:
                 link.publish_alarm(name, alarm)
                 self.metrics.alarm_transitions.labels(name, alarm.roi, alarm.state).inc()
+                self.recent_alarms.appendleft(
+                    {
+                        "ts": alarm.ts,
+                        "camera": name,
+                        "roi": alarm.roi,
+                        "previous": alarm.previous,
+                        "state": alarm.state,
+                        "score": alarm.score,
+                        "threshold": alarm.threshold,
+                        "source_frame": alarm.source_frame,
+                    }
+                )
                 log.info(
                     "alarm %s/%s: %s -> %s (score %.4g, threshold %.4g, frame %s)",
                     name,

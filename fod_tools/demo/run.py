@@ -160,6 +160,7 @@ def _run_with_broker(args: argparse.Namespace, pkg: Path, broker: BrokerInfo, st
         preview_url=f"http://{_url_host(config.http.host)}:{config.http.port}/" if config.http.port else None,
         model=str(pkg),
     )
+    agent.status_notes = lambda: {"demo verdicts vs ground truth": view.tally()}  # on the status page
     view.print_header()
     view.start()
     try:
@@ -354,6 +355,11 @@ class DemoView:
         root = self.topic_root
         topics = " ".join(f"-t '{root}/{t}'" for t in ("status", "+/state", "+/result", "+/alarm"))
         return f"mosquitto_sub -h {self.broker.host} -p {self.broker.port} -v {topics}"
+
+    def tally(self) -> str:
+        """The verdicts against the conveyor's ground truth so far, in words (:func:`tally_text`)."""
+        with self._lock:
+            return tally_text(self.stats.agree)
 
     def status_line(self) -> str:
         """One line: elapsed time, frames, rate, last score and verdict, ground truth, alarms."""
