@@ -280,7 +280,7 @@ async function tick(){
   setTimeout(tick,REFRESH_MS);
 }
 tick();
-"""
+"""  # noqa: E501 - JavaScript kept on long lines
 
 
 def _status_page(app: AgentHttpServer) -> str:

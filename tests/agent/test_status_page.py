@@ -115,12 +115,14 @@ def test_status_page_shows_verdict_score_alarm_and_recent_alarms(page_server: Ag
     dom = _chromium("--dump-dom", url).stdout
     assert "healthy" in dom
     assert 'data-roi="belt"' in dom  # the script drew a row per ROI from /healthz
-    assert 'class="verdict ng">NG' in dom and 'class="verdict ok">OK' in dom
+    assert 'class="verdict ng">NG' in dom
+    assert 'class="verdict ok">OK' in dom
     assert "4.200 / 3.500" in dom  # score against threshold
     assert "4.90 frames/s" in dom
     assert "600 / 190 / 120" in dom  # frames / NG / alarms
     assert "2 held by debounce" in dom
-    assert "OK → NG" in dom and "conveyor/belt score 4.200" in dom  # recent alarms
+    assert "OK → NG" in dom  # recent alarms
+    assert "conveyor/belt score 4.200" in dom
     assert "defective parts NG: 190 of 200" in dom  # notes (the demo's tally)
 
     shot = tmp_path / "status.png"
