@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 #: bump when anything below changes what the demo package contains; a cached package with another
 #: recipe is rebuilt
 RECIPE_VERSION = 2
+#: what the first-run message promises (docs/benchmarks.md, "Shared CPUs"): the build on 2 idle cores
+#: in s, and on 2 cores shared with a busy process and a heavy background, in minutes
+BUILD_IDLE_S = 40
+BUILD_BUSY_MIN = 5
 
 
 class DemoModelError(AgentError):
@@ -208,7 +212,8 @@ def ensure_demo_package(
     try:
         say(
             f"demo model: first run, building it in {root} (training on {recipe.train_images} synthetic "
-            f"good parts at {recipe.image_size} px; a few minutes on a laptop CPU, cached afterwards)"
+            f"good parts at {recipe.image_size} px, export, calibration; about {BUILD_IDLE_S} s on 2 free cores, "
+            f"up to {BUILD_BUSY_MIN} minutes while other programs keep the CPU busy; cached afterwards)"
         )
         images = _good_images(recipe, recipe.train_images, seed=recipe.seed)
         run_dir = work / "fod-demo"
