@@ -1,11 +1,12 @@
 """``fod calibrate``: fit the image threshold, normalisation and pixel threshold of a model package.
 
-    fod calibrate --model PKG_DIR --normal DIR [--anomalous DIR] [--target-far 0.001] [--min-images 30]
+    fod calibrate --model PKG_DIR --normal DIR [--anomalous DIR] [--target-far 0.001] [--min-images 5]
 
 ``--normal`` is a folder of held-out good images, or an MVTec-layout root (then ``test/good`` is the
 good set and ``test/<defect>`` the labelled defects; ``train/good`` is never used: the model was fitted
-on it). The FP32 graph is run with ONNX Runtime; the result replaces ``manifest.calibration`` (the
-old values are logged), a report is printed and saved with a score histogram beside the manifest.
+on it). It may also be a ``fod train`` run folder: then the good images are those the run kept out
+of training (``holdout_files`` in its ``train.json``), the path for small data sets. The FP32 graph
+is run with ONNX Runtime; the result replaces ``manifest.calibration`` (the old values are logged), a report is printed and saved with a score histogram beside the manifest.
 """
 
 from __future__ import annotations
