@@ -6,7 +6,8 @@
 good set and ``test/<defect>`` the labelled defects; ``train/good`` is never used: the model was fitted
 on it). It may also be a ``fod train`` run folder: then the good images are those the run kept out
 of training (``holdout_files`` in its ``train.json``), the path for small data sets. The FP32 graph
-is run with ONNX Runtime; the result replaces ``manifest.calibration`` (the old values are logged), a report is printed and saved with a score histogram beside the manifest.
+is run with ONNX Runtime; the result replaces ``manifest.calibration`` (the old values are logged),
+a report is printed and saved with a score histogram beside the manifest.
 """
 
 from __future__ import annotations
