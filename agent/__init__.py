@@ -8,6 +8,8 @@ alarms over MQTT (:mod:`agent.mqtt`, payloads in :mod:`agent.schemas`, commands 
 Concurrency, in one picture (who owns what, and every hand-over)::
 
     capture-<cam> thread (1 per camera)        owns the camera (cv2 / folder reader)
+    watchdog-<cam> thread (live cameras)       no frame for stale_after_s -> "stalled", abandons a blocked
+                                               capture thread and starts a fresh one (it reopens the source)
         | FrameSlot: 1 frame, newest wins (drops counted)        -> loop woken by call_soon_threadsafe
         v
     asyncio event loop (main thread)           owns the Agent state: thresholds, debounce, queues

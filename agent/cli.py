@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--http-port", type=int, metavar="PORT", help="HTTP port for /metrics, /healthz, preview (0 = off)"
     )
     out.add_argument("--snapshots-dir", type=Path, metavar="DIR", help="folder of NG snapshots")
+    out.add_argument(
+        "--state-dir", type=Path, metavar="DIR", help="state folder (outbox, snapshots); default: docs/config.md"
+    )
     out.add_argument("--no-snapshots", action="store_true", help="do not save NG snapshots")
     run = p.add_argument_group("run")
     run.add_argument("--duration", type=float, metavar="SECONDS", help="stop after this many seconds")
@@ -193,6 +196,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         ("topic_root", "mqtt.topic_root"),
         ("http_port", "http.port"),
         ("snapshots_dir", "snapshots.dir"),
+        ("state_dir", "state_dir"),
         ("duration", "duration_s"),
         ("log_format", "logging.format"),
         ("log_level", "logging.level"),

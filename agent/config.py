@@ -4,7 +4,8 @@ Every section forbids unknown keys, every field has a description (``docs/config
 from them by :func:`config_reference_markdown`) and units are in the field names. Errors name the
 file, the key (``cameras.0.rois.1.box_px``) and the fix. CLI flags override the file through
 :func:`load_config`'s ``overrides`` (dotted keys). Relative paths are relative to the working
-directory of the agent.
+directory of the agent; unset state paths (outbox, snapshots) go to the state directory
+(:mod:`agent.statedir`), never into the working directory.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from agent.errors import ConfigError
 from agent.mqtt.config import MqttConfig
+from agent.statedir import OUTBOX_SUBDIR, SNAPSHOTS_SUBDIR, default_state_dir
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _NAME_HINT = "use letters, digits, '_', '-' or '.' (it becomes an MQTT topic level)"
@@ -69,13 +71,14 @@ class CameraConfig(_Section):
     name: str = Field(default="cam0", description="camera name, unique; the MQTT topic level <root>/<name>/...")
     source: str | int = Field(
         default=0,
-        description="camera index (0), video file, folder of images, rtsp:// or http:// URL, "
+        description="camera index (0) or device path (/dev/video0, or the reboot-stable "
+        "/dev/v4l/by-id/... link), video file, folder of images, rtsp:// or http:// URL, "
         "or a GStreamer pipeline ending in appsink",
     )
     kind: SourceKind = Field(
         default="auto",
-        description="how to open source: auto guesses from its form (digits = camera, folder, existing file, "
-        "URL scheme, '!' = GStreamer); set it when the guess is wrong",
+        description="how to open source: auto guesses from its form (digits or a /dev/ path = camera, folder, "
+        "existing file, URL scheme, '!' = GStreamer); set it when the guess is wrong",
     )
     realtime: bool = Field(
         default=False,
@@ -103,7 +106,19 @@ class CameraConfig(_Section):
     stale_after_s: float = Field(
         default=5.0,
         gt=0,
-        description="/healthz reports 503 when this camera produced no frame for this long, s",
+        description="live sources: no frame for this long moves the camera to 'stalled' (MQTT state, /healthz "
+        "503) and the watchdog reopens it, abandoning a read that never returns, s",
+    )
+    open_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="cameras and URLs: give up opening the source after this long (OpenCV FFmpeg/V4L2), s",
+    )
+    read_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="cameras and URLs: a read that returns no frame for this long fails (counted, then the "
+        "source is reopened after max_read_failures), s",
     )
     rois: list[RoiConfig] = Field(
         default_factory=lambda: [RoiConfig()],
@@ -114,8 +129,8 @@ class CameraConfig(_Section):
     @field_validator("name")
     @classmethod
     def _check_name(cls, value: str) -> str:
-        if not _NAME_RE.match(value) or value in ("cmd", "status"):
-            raise ValueError(f"invalid camera name {value!r}: {_NAME_HINT}, and not 'cmd' or 'status'")
+        if not _NAME_RE.match(value) or value in ("cmd", "status", "plc"):
+            raise ValueError(f"invalid camera name {value!r}: {_NAME_HINT}, and not 'cmd', 'status' or 'plc'")
         return value
 
     @model_validator(mode="after")
@@ -226,7 +241,11 @@ class SnapshotConfig(_Section):
     """Snapshots of NG frames on disk: frame, mask, overlay and result JSON."""
 
     enabled: bool = Field(default=True, description="save a snapshot for NG frames")
-    dir: Path = Field(default=Path("snapshots"), description="folder of the snapshots (one sub-folder per camera)")
+    dir: Path | None = Field(
+        default=None,
+        description="folder of the snapshots (one sub-folder per camera); unset = <state_dir>/snapshots. "
+        "A relative path is relative to the working directory",
+    )
     max_total_mb: float = Field(
         default=500.0, gt=0, description="delete the oldest snapshots above this total size, MB"
     )
@@ -254,6 +273,11 @@ class AgentConfig(_Section):
         description="stop the agent when every file or folder source has ended (replays, tests)",
     )
     duration_s: float | None = Field(default=None, gt=0, description="stop the agent after this many seconds")
+    state_dir: Path | None = Field(
+        default=None,
+        description="folder of the agent's state (alarm outbox, snapshots); unset = $STATE_DIRECTORY (systemd "
+        "StateDirectory=), else $XDG_STATE_HOME/fod-agent, else ~/.local/state/fod-agent",
+    )
     model: ModelConfig = Field(default_factory=ModelConfig, description="[model]")
     cameras: list[CameraConfig] = Field(
         default_factory=lambda: [CameraConfig()],
@@ -281,7 +305,18 @@ class AgentConfig(_Section):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"camera names must be unique, repeated: {duplicates}; give each [[cameras]] a name")
+        if self.state_dir is None:
+            self.state_dir = default_state_dir()
+        if self.mqtt.outbox_dir is None:
+            self.mqtt = self.mqtt.model_copy(update={"outbox_dir": self.state_dir / OUTBOX_SUBDIR})
+        if self.snapshots.dir is None:
+            self.snapshots.dir = self.state_dir / SNAPSHOTS_SUBDIR
         return self
+
+    @property
+    def snapshots_dir(self) -> Path:
+        """The snapshot folder (``snapshots.dir``, resolved against the state directory)."""
+        return self.snapshots.dir or (self.state_dir or default_state_dir()) / SNAPSHOTS_SUBDIR
 
     def camera(self, name: str) -> CameraConfig:
         """The camera called ``name``.

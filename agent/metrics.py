@@ -65,6 +65,12 @@ class AgentMetrics:
             registry=r,
         )
         self.camera_up = Gauge("fod_camera_connected", "1 while the source delivers frames", ["camera"], registry=r)
+        self.camera_stalls = Counter(
+            "fod_camera_stalls_total",
+            "Times the watchdog found a live source silent for stale_after_s and reopened it",
+            ["camera"],
+            registry=r,
+        )
         self.inference_latency = Histogram(
             "fod_inference_latency_seconds",
             "Backend inference time of one batch (all ROIs of a frame), s",
@@ -125,6 +131,10 @@ class AgentMetrics:
     def camera_connected(self, camera: str, connected: bool) -> None:
         """Set whether ``camera`` delivers frames."""
         self.camera_up.labels(camera).set(1 if connected else 0)
+
+    def camera_stalled(self, camera: str) -> None:
+        """Count a watchdog stall of ``camera`` (no frame for ``stale_after_s``)."""
+        self.camera_stalls.labels(camera).inc()
 
     def value(self, name: str, labels: dict[str, str] | None = None) -> float:
         """Read one sample from the registry (tests, status page).

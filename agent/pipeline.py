@@ -44,7 +44,7 @@ from agent.capture import CameraStatus, CameraWorker, Frame
 from agent.commands import Command, CommandError, Pause, ReloadModel, Resume, SetThreshold, Snapshot
 from agent.config import AgentConfig, CameraConfig
 from agent.decision import DecisionRule, RoiDecision, summary_line
-from agent.errors import AgentError
+from agent.errors import AgentError, CameraError
 from agent.http import AgentHttpServer, PreviewHub
 from agent.metrics import AgentMetrics
 from agent.mqtt.link import MqttLink
@@ -133,6 +133,7 @@ class CameraRuntime:
     last_snapshot_mono: float = -math.inf
     last_preview_mono: float = -math.inf
     last_scores: dict[str, dict[str, Any]] = field(default_factory=dict)
+    plc_alarm: dict[str, str] = field(default_factory=dict)
 
 
 class Agent:
@@ -180,7 +181,7 @@ class Agent:
             preview=self.preview,
         )
         self.snapshots = SnapshotStore(
-            config.snapshots.dir,
+            config.snapshots_dir,
             max_total_mb=config.snapshots.max_total_mb,
             max_age_h=config.snapshots.max_age_h,
             on_pruned=self.metrics.snapshots_pruned.inc,
@@ -208,6 +209,8 @@ class Agent:
             0.
 
         Raises:
+            CameraError: with ``exit_at_end``, a file or folder source could not be opened or held
+                no frame (after a clean shutdown).
             AgentError: startup failed (HTTP port in use, model refused, no threshold, ...); whatever
                 was started is stopped again before it propagates.
         """
@@ -230,6 +233,9 @@ class Agent:
                     registry=self.registry,
                 )
             self.link.set_status_info(backend=self.model.backend, model=self.model.name)
+            self.link.clear_retained_on_start_and_stop(self._restart_cleared_topics())
+            for runtime in self.cameras.values():  # the retained state says "connecting" from the start
+                self._publish_state(runtime.worker.status())
             self.link.start()
             wait_s = self.config.pipeline.broker_wait_s
             if wait_s and not await loop.run_in_executor(None, self.link.connected.wait, wait_s):
@@ -267,7 +273,32 @@ class Agent:
             log.info("stopping: %s", self._stop_reason)
         finally:
             await self._shutdown(tasks)
+        self._check_replays()
         return 0
+
+    def _check_replays(self) -> None:
+        """With ``exit_at_end``, a replay that could not be read is an error (a non-zero exit).
+
+        Raises:
+            CameraError: a file or folder source could not be opened or held no frame (named, with why).
+        """
+        if not self.config.exit_at_end:
+            return
+        failed = []
+        for name, runtime in self.cameras.items():
+            status = runtime.worker.status()
+            if status.state == "failed" and not runtime.worker.live_kind:
+                failed.append(f"camera {name}: {status.error}")
+        if failed:
+            raise CameraError("replay could not be read: " + "; ".join(failed))
+
+    def _restart_cleared_topics(self) -> list[str]:
+        """Retained topics whose content is void after a restart or stop: each camera's alarm, PLC alarms."""
+        root = self.config.mqtt.topic_root
+        topics = [f"{root}/{camera.name}/alarm" for camera in self.config.cameras]
+        if self.config.mqtt.plc_topics:
+            topics += [f"{root}/plc/{c.name}/{roi.name}/alarm" for c in self.config.cameras for roi in c.rois]
+        return topics
 
     def request_stop(self, reason: str = "stop requested") -> None:
         """Ask the agent to stop; safe from any thread and from signal handlers."""
@@ -349,7 +380,7 @@ class Agent:
             return
         payload = CameraStatePayload(
             camera=status.camera,
-            state=status.state,  # type: ignore[arg-type]
+            state=status.state,
             connected=status.state == "connected",
             fps=status.fps,
             last_frame_age_s=status.last_frame_age_s,
@@ -398,6 +429,7 @@ class Agent:
                 "frames_dropped": status.frames_dropped,
                 "frames_broken": status.frames_broken,
                 "reconnects": status.reconnects,
+                "stalls": status.stalls,
                 "error": status.error,
                 "thresholds": dict(runtime.thresholds),
                 "last": dict(runtime.last_scores),
@@ -548,6 +580,8 @@ class Agent:
                 "alarm": decision.state,
                 "source_frame": frame.source_frame,
             }
+        if self.config.mqtt.plc_topics:
+            self._publish_plc(runtime, pending)
         for result, alarm in pending:
             link.publish_result(name, result)
             if alarm is not None:
@@ -578,6 +612,21 @@ class Agent:
             results.append(result.model_dump(mode="json"))
         self.metrics.end_to_end_latency.labels(name).observe(max(0.0, time.perf_counter() - frame.capture_mono))
         self._queue_publish_job(runtime, frame, scored, verdicts, results, model)
+
+    def _publish_plc(self, runtime: CameraRuntime, pending: list[tuple[ResultPayload, AlarmPayload | None]]) -> None:
+        """PLC tokens: the debounced alarm state ('1' NG / '0' OK) when it changes (and on the first
+        scored frame), and the normalised score of every scored frame (3 decimals).
+        """
+        link = self.link
+        if link is None:
+            return
+        name = runtime.config.name
+        for result, _ in pending:
+            state = "1" if runtime.decisions[result.roi].state == "NG" else "0"
+            if runtime.plc_alarm.get(result.roi) != state:
+                runtime.plc_alarm[result.roi] = state
+                link.publish_plc(name, result.roi, "alarm", state)
+            link.publish_plc(name, result.roi, "score", f"{result.normalized_score:.3f}")
 
     def _queue_publish_job(
         self,

@@ -27,8 +27,13 @@ SCHEMA_VERSION = 1
 Verdict = Literal["OK", "NG"]
 """Decision for one frame / ROI: ``"OK"`` (no foreign object) or ``"NG"`` (anomaly above threshold)."""
 
-CameraState = Literal["connecting", "connected", "reconnecting", "ended", "failed"]
-"""Life-cycle state of one frame source."""
+CameraState = Literal["connecting", "connected", "stalled", "reconnecting", "ended", "failed"]
+"""Life-cycle state of one frame source (the one camera state type of capture, MQTT and /healthz).
+
+``connecting`` first open; ``connected`` frames arrive; ``stalled`` no frame for ``stale_after_s``
+(the watchdog reopens it); ``reconnecting`` reads failed, reopening with back-off; ``ended`` a replay
+finished or the agent stopped; ``failed`` cannot be opened (live sources are retried, replays not).
+"""
 
 
 class Payload(BaseModel):
@@ -115,7 +120,9 @@ class CameraStatePayload(Payload):
     """Health of one frame source, published on ``<root>/<camera>/state`` (QoS 1, retained)."""
 
     camera: str = Field(description="Camera name (as in the topic).")
-    state: CameraState = Field(description="connecting | connected | reconnecting | ended | failed.")
+    state: CameraState = Field(
+        description="connecting | connected | stalled | reconnecting | ended | failed."
+    )
     connected: bool = Field(description="True while frames arrive.")
     fps: float = Field(ge=0.0, description="Captured frames per second over the last few seconds.")
     last_frame_age_s: float | None = Field(

@@ -21,9 +21,9 @@ import numpy as np
 
 from fod.errors import DataError, InputError
 from fod.package import DataFingerprint, sha256_file
-from fod.preprocess import read_image, to_model_input
+from fod.preprocess import IMAGE_SUFFIXES, read_image, to_model_input
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+IMAGE_EXTENSIONS = IMAGE_SUFFIXES
 GOOD_NAMES = frozenset({"good", "ok"})
 
 _LAYOUT_HELP = (
@@ -33,7 +33,7 @@ _LAYOUT_HELP = (
 
 
 def list_images(folder: str | Path) -> list[Path]:
-    """Sorted image files (png, jpg, bmp, tif) directly inside ``folder``.
+    """Sorted image files (png, jpg, bmp, tif, webp) directly inside ``folder``.
 
     Raises:
         DataError: the folder does not exist or holds no image.
@@ -157,7 +157,10 @@ def load_mask(sample: TestSample, size: tuple[int, int]) -> np.ndarray:
         mask = read_image(str(sample.mask_path), flags=cv2.IMREAD_GRAYSCALE)
     except InputError as exc:
         raise DataError(str(exc)) from exc
-    header = cv2.imread(str(sample.path), cv2.IMREAD_UNCHANGED)
+    try:
+        header: np.ndarray | None = read_image(str(sample.path))  # oriented like the mask and the image
+    except InputError:
+        header = None
     if header is not None and header.shape[:2] != mask.shape[:2]:
         raise DataError(
             f"{sample.mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} px but its image {sample.path} is "

@@ -74,22 +74,58 @@ def to_model_input(image: np.ndarray, size: tuple[int, int], *, source: str = "i
     return np.ascontiguousarray(bgr)
 
 
-def read_image(path: str, *, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
-    """Read an image file as OpenCV does (BGR uint8), with an error naming the file.
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+"""File suffixes read as images by every folder reader (training, eval, calibration, bench, agent)."""
+
+
+def decode_image(data: bytes | np.ndarray, *, source: str = "image") -> np.ndarray:
+    """Decode an encoded image (PNG, JPEG, BMP, TIFF, WebP) to BGR uint8: the one decoder of the project.
+
+    Every path that turns a file into pixels (training, ``fod eval``, calibration, ``fod bench``, the
+    agent's folder and file sources) calls this, so the same file gives the same pixels everywhere:
+
+    * the EXIF orientation tag is applied (a phone or camera JPEG shot upright is upright);
+    * 16-bit images become 8-bit (value // 256), grayscale becomes 3-channel, alpha is dropped.
 
     Args:
-        path: image file (png, jpg, bmp, ...).
-        flags: ``cv2.imread`` flags; ``IMREAD_GRAYSCALE`` for masks.
+        data: the encoded file content.
+        source: name used in error messages (file name).
+
+    Returns:
+        ``[H, W, 3]`` uint8, BGR order.
+
+    Raises:
+        InputError: empty or undecodable data (corrupt or not an image).
+    """
+    buffer = np.frombuffer(data, dtype=np.uint8) if isinstance(data, bytes | bytearray) else data
+    image = cv2.imdecode(buffer, cv2.IMREAD_COLOR) if buffer.size else None
+    if image is None:
+        raise InputError(f"{source}: cannot decode the image (corrupt or not an image); replace or remove it")
+    return image
+
+
+def read_image(path: str, *, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
+    """Read an image file with :func:`decode_image` (BGR uint8), with an error naming the file.
+
+    Args:
+        path: image file (png, jpg, bmp, tif, webp).
+        flags: ``cv2.IMREAD_COLOR`` (the default: :func:`decode_image`), or ``IMREAD_GRAYSCALE`` for
+            masks (EXIF orientation applied too, so a mask stays aligned with its image).
 
     Returns:
         ``[H, W, 3]`` uint8 BGR (or ``[H, W]`` with ``IMREAD_GRAYSCALE``).
 
     Raises:
-        InputError: the file is missing or cannot be decoded.
+        InputError: the file is missing, unreadable or cannot be decoded.
     """
-    data = np.fromfile(path, dtype=np.uint8) if Path(path).is_file() else None
+    try:
+        data = np.fromfile(path, dtype=np.uint8) if Path(path).is_file() else None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the file: {exc}") from exc
     if data is None:
         raise InputError(f"{path}: file not found")
+    if flags == cv2.IMREAD_COLOR:
+        return decode_image(data, source=path)
     image = cv2.imdecode(data, flags) if data.size else None
     if image is None:
         raise InputError(f"{path}: cannot decode the image (corrupt or not an image); replace or remove it")

@@ -59,7 +59,7 @@ def mt_package(real_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     good.mkdir()
     for src in sorted((data / "train" / "good").glob("*.jpg"))[::6]:  # 120 images
         shutil.copy(src, good / src.name)
-    train = ["train", "--data", str(good), "--out", str(run), "--epochs", "2", "--image-size", "96",
+    train = ["train", "--data", str(good), "--out", str(run), "--epochs", "2", "--image-size", "96", "--levels", "8,16",
              "--batch-size", "4", "--lr", "3e-4", "--no-progress"]
     assert main(train) == 0
     assert main(["export", "--model", str(run), "--out", str(pkg)]) == 0

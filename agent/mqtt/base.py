@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from agent import __version__
 from agent.mqtt.commands import CommandQueue
 from agent.mqtt.config import MqttConfig, validate_topic_level
+from agent.mqtt.size import publish_packet_bytes
 from agent.outbox import Outbox
 from agent.schemas import (
     CameraStatePayload,
@@ -55,6 +56,10 @@ class LinkState:
     _result_counts: dict[tuple[str, str], int]
     _image_last: dict[tuple[str, str], float]
     _sessions: int
+    _earlier_run_seq: int
+    _cleared_topics: tuple[str, ...]
+    _plc_retained: dict[str, str]
+    _broker_max_packet: int | None
     _password: str | None
     _ssl_context: ssl.SSLContext | None
     _outbox: Outbox
@@ -79,8 +84,15 @@ class LinkState:
         )
         self._m_dropped = Counter(
             "fod_mqtt_messages_dropped_total",
-            "Messages not published: reason=disconnected (results, images) or rate_limit (images)",
+            "Messages not published: reason=disconnected (results, images), rate_limit (images) or too_large "
+            "(over the broker's maximum packet size)",
             ["kind", "reason"],
+            registry=reg,
+        )
+        self._m_resized = Counter(
+            "fod_mqtt_images_resized_total",
+            "Images down-scaled to fit the broker's maximum packet size",
+            ["kind"],
             registry=reg,
         )
         self._m_commands = Counter(
@@ -104,9 +116,29 @@ class LinkState:
         if camera != in_payload:
             raise ValueError(f"camera {camera!r} differs from the payload's camera {in_payload!r}")
 
+    @property
+    def max_packet_bytes(self) -> int | None:
+        """The packet size limit in force: ``mqtt.max_packet_bytes`` and the broker's CONNACK value, the smaller."""
+        limits = [v for v in (self.config.max_packet_bytes, self._broker_max_packet) if v]
+        return min(limits) if limits else None
+
+    def _fits(self, topic: str, payload: bytes, qos: int) -> bool:
+        limit = self.max_packet_bytes
+        return limit is None or publish_packet_bytes(topic, len(payload), qos, v5=self.config.protocol == "5") <= limit
+
     def _publish(
         self, client: mqtt.Client, topic: str, payload: bytes, qos: int, retain: bool, kind: str
     ) -> bool:
+        if not self._fits(topic, payload, qos):  # the broker would drop the connection: never send it
+            self._m_dropped.labels(kind, "too_large").inc()
+            log.warning(
+                "%s message on %s not published: %d bytes exceed the broker's maximum packet size %s",
+                kind,
+                topic,
+                len(payload),
+                self.max_packet_bytes,
+            )
+            return False
         info = client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
             self._m_published.labels(kind).inc()
@@ -128,6 +160,11 @@ class LinkState:
         return self._publish(
             client, self.status_topic, self._status_payload(state).to_json(), 1, True, "status"
         )
+
+    def _clear_retained(self, client: mqtt.Client) -> None:
+        """Delete the retained message of every topic given to ``clear_retained_on_start_and_stop``."""
+        for topic in self._cleared_topics:
+            self._publish(client, topic, b"", 1, True, "clear")
 
     def _publish_state(self, client: mqtt.Client, camera: str, state: CameraStatePayload) -> bool:
         return self._publish(

@@ -147,13 +147,30 @@ class MqttConfig(BaseModel):
     image_min_interval_s: float = Field(
         default=1.0, ge=0.0, description="Minimum time between two images of one kind per camera (s)."
     )
+    max_packet_bytes: int | None = Field(
+        default=None,
+        ge=1024,
+        description="Largest MQTT packet the broker accepts, bytes (AWS IoT and many managed brokers: 131072); "
+        "null = the broker's CONNACK Maximum Packet Size with protocol 5, else no limit. A larger image is "
+        "shrunk, or skipped and counted; no publish may exceed it (the broker would drop the connection).",
+    )
+    protocol: Literal["3.1.1", "5"] = Field(
+        default="3.1.1",
+        description="MQTT protocol version; 5 lets the agent learn the broker's maximum packet size.",
+    )
+    plc_topics: bool = Field(
+        default=False,
+        description="Also publish short tokens for PLCs that read little: <root>/plc/<camera>/<roi>/alarm "
+        "('1' NG, '0' OK, retained, QoS 1) and <root>/plc/<camera>/<roi>/score (normalised score, '0.734', QoS 0).",
+    )
     reconnect_min_s: float = Field(
         default=0.5, gt=0.0, description="First reconnect delay (s); doubles per failure."
     )
     reconnect_max_s: float = Field(default=30.0, gt=0.0, description="Cap of the reconnect delay (s).")
-    outbox_dir: Path = Field(
-        default=Path("var/outbox"),
-        description="Folder of the on-disk alarm outbox (one per agent); relative to the working directory.",
+    outbox_dir: Path | None = Field(
+        default=None,
+        description="Folder of the on-disk alarm outbox (one per agent); unset = <state_dir>/outbox. "
+        "A relative path is relative to the working directory.",
     )
     outbox_max_messages: int = Field(
         default=10_000,

@@ -36,7 +36,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -52,6 +51,7 @@ from agent.outbox import Outbox
 from agent.schemas import (
     CameraStatePayload,
 )
+from agent.statedir import outbox_dir
 
 log = logging.getLogger("agent.mqtt")
 
@@ -121,9 +121,27 @@ class MqttLink(Publishers, Supervisor):
         )
 
         self._outbox = Outbox(
-            Path(config.outbox_dir), max_messages=config.outbox_max_messages, on_drop=self._on_outbox_drop
+            outbox_dir(config.outbox_dir), max_messages=config.outbox_max_messages, on_drop=self._on_outbox_drop
         )
         self._m_depth.set(len(self._outbox))
+        self._earlier_run_seq = self._outbox.last_seq
+        self._cleared_topics = ()
+        self._plc_retained = {}
+        self._broker_max_packet = None
+
+    def clear_retained_on_start_and_stop(self, topics: list[str]) -> None:
+        """Topics whose retained message says nothing true across a restart: cleared at start and on stop.
+
+        On the first connection (after the last will may have left them, before any new alarm) and
+        after the outbox flush of a clean stop, each topic gets a zero-length retained message, which
+        deletes the retained copy on the broker (subscribers receive one empty payload). Alarms left
+        in the outbox by an earlier run are delivered as events (``retain`` false): they are history,
+        not the current state. Call before :meth:`start`.
+
+        Args:
+            topics: full topic names (``<root>/<camera>/alarm``, PLC topics).
+        """
+        self._cleared_topics = tuple(topics)
 
     def start(self) -> None:
         """Start connecting in the background (returns at once; reconnects forever until :meth:`stop`).

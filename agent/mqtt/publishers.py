@@ -13,6 +13,7 @@ from typing import Literal
 
 from agent.mqtt.base import LinkState
 from agent.mqtt.config import validate_topic_level
+from agent.mqtt.size import publish_packet_bytes, shrink_image
 from agent.outbox import OutboxEntry
 from agent.schemas import (
     AlarmPayload,
@@ -22,6 +23,9 @@ from agent.schemas import (
 )
 
 log = logging.getLogger("agent.mqtt")
+
+PlcKind = Literal["alarm", "score"]
+"""PLC token topics: ``alarm`` (``1`` / ``0``, retained) and ``score`` (normalised score, 3 decimals)."""
 
 ImageKind = Literal["mask", "overlay"]
 """Binary image topics: ``mask`` (PNG, binary mask at frame size) and ``overlay`` (JPEG heatmap)."""
@@ -186,7 +190,49 @@ class Publishers(LinkState):
                 self._m_dropped.labels(kind, "disconnected").inc()
                 return False
             self._image_last[(camera, kind)] = now
-        return self._publish(client, f"{self.root}/{camera}/{kind}", data, 0, False, kind)
+        topic = f"{self.root}/{camera}/{kind}"
+        limit = self.max_packet_bytes
+        if limit is not None and not self._fits(topic, data, 0):
+            overhead = publish_packet_bytes(topic, 0, 0, v5=self.config.protocol == "5")
+            smaller = shrink_image(data, kind, limit - overhead)
+            if smaller is None:
+                self._m_dropped.labels(kind, "too_large").inc()
+                log.debug("%s image of %d bytes cannot be shrunk below %d bytes: skipped", kind, len(data), limit)
+                return False
+            self._m_resized.labels(kind).inc()
+            data = smaller
+        return self._publish(client, topic, data, 0, False, kind)
+
+    def publish_plc(self, camera: str, roi: str, kind: PlcKind, token: str) -> bool:
+        """Publish a short token on ``<root>/plc/<camera>/<roi>/<kind>`` for PLCs that read few bytes.
+
+        ``alarm`` tokens (``1`` NG, ``0`` OK) are retained, QoS 1, kept and republished on every
+        reconnection; ``score`` tokens are QoS 0, not retained, dropped while disconnected.
+
+        Args:
+            camera: Camera name.
+            roi: ROI name.
+            kind: ``alarm`` or ``score``.
+            token: the payload (a few ASCII characters).
+
+        Returns:
+            True when handed to a live connection.
+
+        Raises:
+            ValueError: Invalid camera or ROI name.
+        """
+        validate_topic_level(camera)
+        validate_topic_level(roi, "ROI name")
+        topic = f"{self.root}/plc/{camera}/{roi}/{kind}"
+        retain = kind == "alarm"
+        with self._lock:
+            if retain:
+                self._plc_retained[topic] = token
+            client = self._client
+        if client is None:
+            self._m_dropped.labels(f"plc_{kind}", "disconnected").inc()
+            return False
+        return self._publish(client, topic, token.encode("ascii"), 1 if retain else 0, retain, f"plc_{kind}")
 
     def _on_outbox_drop(self, entry: OutboxEntry) -> None:
         self._m_outbox_dropped.inc()

@@ -23,6 +23,22 @@ CONNECT_TIMEOUT_S = 5.0
 """TCP/TLS connect and CONNACK wait per attempt (s)."""
 
 
+class _QuietRaces(logging.Filter):
+    """paho logs ``Client is not connected`` as an ERROR when its network thread runs once more after
+    a disconnect (a clean stop, or a loss the supervisor already reports): shown only at DEBUG.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and str(record.msg).startswith("Client is not connected"):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger("agent.mqtt").isEnabledFor(logging.DEBUG)
+        return True
+
+
+PAHO_LOG = logging.getLogger("agent.mqtt.paho")
+PAHO_LOG.addFilter(_QuietRaces())
+
+
 class _Session:
     """Per-connection state shared with paho's callbacks (events only)."""
 
@@ -31,6 +47,7 @@ class _Session:
         self.reason: Any = None
         self.lost = threading.Event()
         self.lost_reason: Any = None
+        self.max_packet: int | None = None
 
 
 
@@ -38,16 +55,24 @@ class Supervisor(LinkState):
     """Connection supervisor of :class:`agent.mqtt.link.MqttLink` (runs in the ``mqtt-link-*`` thread)."""
 
     def _new_client(self, session: _Session) -> mqtt.Client:
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=self.client_id,
-            clean_session=True,
-            reconnect_on_failure=False,
-        )
+        if self.config.protocol == "5":
+            client = mqtt.Client(
+                CallbackAPIVersion.VERSION2,
+                client_id=self.client_id,
+                protocol=mqtt.MQTTv5,
+                reconnect_on_failure=False,
+            )
+        else:
+            client = mqtt.Client(
+                CallbackAPIVersion.VERSION2,
+                client_id=self.client_id,
+                clean_session=True,
+                reconnect_on_failure=False,
+            )
         client.connect_timeout = CONNECT_TIMEOUT_S
         client.max_inflight_messages_set(ALARM_WINDOW + 80)
         client.max_queued_messages_set(1000)
-        client.enable_logger(logging.getLogger("agent.mqtt.paho"))
+        client.enable_logger(PAHO_LOG)
         if self.config.username is not None:
             client.username_pw_set(self.config.username, self._password)
         if self._ssl_context is not None:
@@ -58,6 +83,7 @@ class Supervisor(LinkState):
 
         def on_connect(c: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
             session.reason = reason
+            session.max_packet = getattr(props, "MaximumPacketSize", None)  # MQTT 5 CONNACK property
             session.connack.set()
 
         def on_disconnect(c: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
@@ -84,7 +110,10 @@ class Supervisor(LinkState):
     def _connect(self, client: mqtt.Client, session: _Session) -> str | None:
         """Connect and wait for CONNACK; return None on success, else the reason."""
         try:
-            client.connect(self.config.host, self.config.port, keepalive=self.config.keepalive_s)
+            if self.config.protocol == "5":
+                client.connect(self.config.host, self.config.port, keepalive=self.config.keepalive_s, clean_start=True)
+            else:
+                client.connect(self.config.host, self.config.port, keepalive=self.config.keepalive_s)
         except (OSError, ValueError) as exc:
             return f"{type(exc).__name__}: {exc}"
         client.loop_start()
@@ -154,10 +183,17 @@ class Supervisor(LinkState):
     def _session(self, client: mqtt.Client, session: _Session) -> bool:
         """Run one connection; return True when it ended because of :meth:`stop` (still connected)."""
         with self._lock:  # held until _client is set, so a command response never finds it unset
+            self._broker_max_packet = session.max_packet
+            if session.max_packet:
+                log.info("broker maximum packet size: %d bytes", session.max_packet)
             client.subscribe(self.command_filter, qos=1)
+            if self._sessions == 1:
+                self._clear_retained(client)  # what a previous run (or its last will) left is not true now
             self._publish_status(client, "online")
             for camera, state in self._states.items():
                 self._publish_state(client, camera, state)
+            for topic, token in self._plc_retained.items():
+                self._publish(client, topic, token.encode("ascii"), 1, True, "plc_alarm")
             self._client = client
             self.connected.set()
             self._m_connected.set(1)
@@ -190,7 +226,8 @@ class Supervisor(LinkState):
             free = ALARM_WINDOW - len(inflight)
             if free > 0:
                 for entry in self._outbox.peek(after_seq=last_seq, limit=free):
-                    info = client.publish(entry.topic, entry.payload, qos=self.config.qos_alarm, retain=True)
+                    retain = entry.seq > self._earlier_run_seq  # an earlier run's alarm is history, not state
+                    info = client.publish(entry.topic, entry.payload, qos=self.config.qos_alarm, retain=retain)
                     inflight.append((entry.seq, info))
                     last_seq = entry.seq
                     if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
@@ -208,6 +245,7 @@ class Supervisor(LinkState):
             self._m_connected.set(0)
         try:
             if graceful:
+                self._clear_retained(client)  # after the outbox flush: the last alarm is not the state any more
                 info = client.publish(
                     self.status_topic, self._status_payload("offline").to_json(), qos=1, retain=True
                 )

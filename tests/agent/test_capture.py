@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from pathlib import Path
@@ -56,6 +57,8 @@ def collect(worker: CameraWorker, *, delay_s: float = 0.0, limit: int = 10_000) 
         ("http://cam.local/video.mjpg", "url"),
         ("videotestsrc ! videoconvert ! appsink", "gstreamer"),
         ("line.mp4", "file"),
+        ("/dev/video0", "camera"),
+        ("/dev/v4l/by-id/usb-Acme_Cam-video-index0", "camera"),
     ],
 )
 def test_guess_kind(source: str | int, kind: str) -> None:
@@ -223,21 +226,62 @@ def test_live_object_source_reconnects_with_backoff_after_failed_reads() -> None
     assert states[-1].state == "ended"
 
 
-def test_source_that_cannot_be_opened_is_a_failed_state_and_retried(tmp_path: Path) -> None:
+def test_replay_that_cannot_be_opened_fails_once_and_ends(tmp_path: Path) -> None:
     metrics = AgentMetrics()
     states: list[CameraStatus] = []
     config = CameraConfig(name="gone", source=str(tmp_path / "missing.mp4"), reconnect_min_s=0.01, reconnect_max_s=0.05)
     worker = CameraWorker(config, metrics=metrics, on_state=states.append)
     worker.start()
+    assert worker.ended.wait(5)  # a replay is not retried: it ends
+    worker.stop()
+    assert [s.state for s in states] == ["failed"]
+    assert "missing.mp4" in (states[0].error or "")
+    assert "not found" in (states[0].error or "")
+    assert worker.status().reconnects == 0
+    assert worker.slot.closed
+    assert metrics.value("fod_camera_connected", {"camera": "gone"}) == 0
+
+
+def test_replay_with_no_readable_frame_fails(tmp_path: Path) -> None:
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "a.png").write_bytes(b"not a png")
+    worker = CameraWorker(CameraConfig(name="c", source=str(tmp_path / "f")), metrics=AgentMetrics())
+    assert collect(worker) == []
+    status = worker.status()
+    assert status.state == "failed"
+    assert "no frame" in (status.error or "")
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "/dev/video97",  # a device node that is not there (unplugged)
+        "/dev/v4l/by-id/usb-Acme_Cam_0001-video-index0",  # the reboot-stable link of a USB camera
+    ],
+)
+@pytest.mark.parametrize("kind", ["auto", "camera"])
+def test_device_path_is_a_live_camera_retried_with_backoff(source: str, kind: str) -> None:
+    config = CameraConfig(name="usb", source=source, kind=kind, reconnect_min_s=0.01, reconnect_max_s=0.02)  # type: ignore[arg-type]
+    with pytest.raises(CameraError, match="not present"):
+        open_source(config)
+    states: list[CameraStatus] = []
+    worker = CameraWorker(config, metrics=AgentMetrics(), on_state=states.append)
+    worker.start()
     deadline = time.monotonic() + 5
     while worker.status().reconnects < 3 and time.monotonic() < deadline:
         time.sleep(0.01)
+    assert not worker.ended.is_set()  # live: retried, never ended
     worker.stop()
     assert states[0].state == "failed"
-    assert "missing.mp4" in (states[0].error or "")
-    assert "not found" in (states[0].error or "")
+    assert source in (states[0].error or "")
     assert worker.status().reconnects >= 3
-    assert metrics.value("fod_camera_connected", {"camera": "gone"}) == 0
+
+
+def test_link_to_a_character_device_is_a_camera(tmp_path: Path) -> None:
+    link = tmp_path / "usb-cam-video-index0"
+    link.symlink_to("/dev/null")  # a character device, like /dev/video0
+    assert guess_kind(str(link)) == "camera"
+    assert guess_kind(str(tmp_path / "line.mp4")) == "file"
 
 
 def test_open_source_errors_name_the_source(tmp_path: Path) -> None:
@@ -258,3 +302,126 @@ def test_factory_source_is_called_per_open() -> None:
     assert source.live
     assert source.read()[0]
     assert len(made) == 1
+
+
+class BlockingCamera:
+    """A live source that delivers ``frames`` frames, then blocks in read() until ``unblock`` is set."""
+
+    def __init__(self, frames: int, unblock: threading.Event) -> None:
+        self.frames = frames
+        self.unblock = unblock
+        self.reads = 0
+        self.released = threading.Event()
+
+    def read(self) -> tuple[bool, Any]:
+        self.reads += 1
+        if self.reads > self.frames:
+            self.unblock.wait()  # a driver call that never returns (until the test ends)
+            return False, None
+        time.sleep(0.01)
+        return True, np.full((40, 40, 3), 128, np.uint8)
+
+    def release(self) -> None:
+        self.released.set()
+
+
+def test_watchdog_abandons_a_read_that_never_returns_and_reopens() -> None:
+    unblock = threading.Event()
+    made: list[BlockingCamera] = []
+
+    def factory() -> BlockingCamera:
+        made.append(BlockingCamera(3 if not made else 10_000, unblock))
+        return made[-1]
+
+    metrics = AgentMetrics()
+    states: list[CameraStatus] = []
+    config = CameraConfig(name="stuck", stale_after_s=0.3, reconnect_min_s=0.01)
+    worker = CameraWorker(config, metrics=metrics, override=factory, on_state=states.append)
+    try:
+        worker.start()
+        deadline = time.monotonic() + 10
+        while worker.status().frames_captured < 20 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        sequence = [s.state for s in states]
+        assert "stalled" in sequence
+        assert sequence.index("stalled") < len(sequence) - 1 - sequence[::-1].index("connected")  # connected again
+        stalled = states[sequence.index("stalled")]
+        assert "no frame" in (stalled.error or "")
+        assert worker.status().frames_captured >= 20  # the second reader delivers
+        assert worker.status().stalls == 1
+        assert metrics.value("fod_camera_stalls_total", {"camera": "stuck"}) == 1
+        assert not made[0].released.is_set()  # still blocked in read()
+        started = time.monotonic()
+        worker.stop(timeout_s=2.0)
+        assert time.monotonic() - started < 5.0  # stop is not held up by the abandoned reader (join timeout 2 s)
+        assert worker.status().state == "ended"
+    finally:
+        unblock.set()
+    assert made[0].released.wait(5)  # once its read returns, the abandoned reader releases its source
+    assert made[1].released.wait(5)
+
+
+@pytest.mark.parametrize(
+    ("stale_after_s", "read_timeout_s", "expected"),
+    [
+        (0.5, 30.0, "stalled"),  # the watchdog gives up on the silent socket
+        (30.0, 0.5, "reconnecting"),  # OpenCV's read timeout fails the read first
+    ],
+)
+def test_http_mjpeg_stream_that_goes_silent_is_detected_and_reopened(
+    stale_after_s: float, read_timeout_s: float, expected: str
+) -> None:
+    from tests.agent.mjpeg_server import MjpegServer
+
+    states: list[CameraStatus] = []
+    with MjpegServer(stall_after=5) as server:
+        config = CameraConfig(
+            name="ip",
+            source=server.url,
+            stale_after_s=stale_after_s,
+            read_timeout_s=read_timeout_s,
+            max_read_failures=1,
+            reconnect_min_s=0.05,
+        )
+        worker = CameraWorker(config, metrics=AgentMetrics(), on_state=states.append)
+        try:
+            worker.start()
+            deadline = time.monotonic() + 20
+            while worker.status().frames_captured < 15 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            sequence = [s.state for s in states]
+            assert sequence[0] == "connected"
+            assert expected in sequence
+            assert sequence[-1] == "connected"  # reopened: frames flow again
+            assert worker.status().frames_captured >= 15
+            assert server.connections >= 2
+        finally:
+            worker.stop()
+
+
+@pytest.mark.parametrize(("level", "shown"), [(logging.INFO, False), (logging.DEBUG, True)])
+def test_opencv_retry_lines_follow_the_agent_log_level(
+    level: int, shown: bool, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(level, logger="agent.capture")
+    config = CameraConfig(name="idx", source=97, reconnect_min_s=0.01, reconnect_max_s=0.02)
+    worker = CameraWorker(config, metrics=AgentMetrics())
+    try:
+        worker.start()
+        deadline = time.monotonic() + 5
+        while worker.status().reconnects < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        worker.stop()
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    assert worker.status().reconnects >= 2
+    assert ("can't open camera" in capfd.readouterr().err) is shown
+
+
+def test_paho_not_connected_race_is_not_an_error(caplog: pytest.LogCaptureFixture) -> None:
+    from agent.mqtt.session import PAHO_LOG
+
+    caplog.set_level(logging.INFO)
+    PAHO_LOG.error("Client is not connected. Socket: None). Last known Connection State: MQTT_CS_DISCONNECTING")
+    PAHO_LOG.error("some other paho error")
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == ["some other paho error"]

@@ -115,7 +115,10 @@ def test_sigterm_stops_cleanly_and_publishes_offline(
         "--agent-id", "sigterm-test", "--http-port", "0", "--snapshots-dir", str(tmp_path / "snaps"),
         "--log-format", "json",
     ]  # fmt: skip
-    proc = subprocess.Popen(args, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    state_env = {k: v for k, v in env().items() if k != "STATE_DIRECTORY"} | {"XDG_STATE_HOME": str(tmp_path / "xdg")}
+    proc = subprocess.Popen(
+        args, cwd=tmp_path, env=state_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         sub.wait_for(f"{topic_root}/cam0/result", 2, timeout_s=30)
         proc.send_signal(signal.SIGTERM)
@@ -132,7 +135,71 @@ def test_sigterm_stops_cleanly_and_publishes_offline(
     assert sub.get(f"{topic_root}/cam0/state")[-1].json()["state"] == "ended"  # camera released
     logs = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
     assert any("signal SIGTERM" in entry["msg"] for entry in logs)
-    assert (tmp_path / "var" / "outbox").is_dir()  # default outbox relative to the working directory
+    assert (tmp_path / "xdg" / "fod-agent" / "outbox").is_dir()  # default outbox in the XDG state directory
+    made = {p.name for p in tmp_path.iterdir()} - {"mosquitto"}  # the broker fixture's folder
+    assert made == {"imgs", "xdg"}  # nothing in the working directory
+    assert [e["msg"] for e in logs if e["level"] in ("ERROR", "CRITICAL")] == []  # a clean stop logs no error
+
+
+def _agent_args(toy_package: Path, source: Path, broker: Mosquitto, topic_root: str) -> list[str]:
+    return [
+        sys.executable, "-m", "agent.cli",
+        "--model", str(toy_package), "--threshold", "0.5", "--source", str(source), "--exit-at-end",
+        "--broker", f"mqtt://{broker.host}:{broker.port}", "--topic-root", topic_root,
+        "--agent-id", "replay-test", "--http-port", "0",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (lambda p: p / "no-such-folder", "not found"),  # a typo in the path
+        (lambda p: p.mkdir() or p, "no images"),  # an empty folder
+        (lambda p: (p.mkdir(), (p / "a.png").write_bytes(b"broken"), p)[2], "no frame"),  # nothing decodable
+    ],
+)
+def test_exit_at_end_with_a_replay_that_cannot_be_read_exits_1_naming_it(
+    tmp_path: Path,
+    mosquitto: Mosquitto,
+    topic_root: str,
+    toy_package: Path,
+    make: Callable[[Path], Path],
+    expected: str,
+) -> None:
+    source = make(tmp_path / "replay")
+    state_env = env() | {"STATE_DIRECTORY": str(tmp_path / "state")}
+    done = subprocess.run(
+        _agent_args(toy_package, source, mosquitto, topic_root),
+        cwd=tmp_path, env=state_env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    error = [line for line in done.stderr.splitlines() if line.startswith("fod-agent: error:")]
+    assert len(error) == 1, done.stderr
+    assert "replay could not be read" in error[0]
+    assert str(tmp_path / "replay") in error[0]
+    assert expected in error[0]
+
+
+def test_state_directory_from_systemd_and_nothing_in_the_working_directory(
+    tmp_path: Path, mosquitto: Mosquitto, topic_root: str, toy_package: Path
+) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    image = np.full((48, 64, 3), 128, np.uint8)
+    image[10:30, 10:30] = 250  # NG with the toy model: a snapshot is written
+    for i in range(3):
+        cv2.imwrite(str(folder / f"{i}.png"), image)
+    work = tmp_path / "work"
+    work.mkdir()
+    state_env = env() | {"STATE_DIRECTORY": str(tmp_path / "var-lib")}
+    done = subprocess.run(
+        _agent_args(toy_package, folder, mosquitto, topic_root),
+        cwd=work, env=state_env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert list(work.iterdir()) == []
+    assert (tmp_path / "var-lib" / "outbox").is_dir()
+    assert list((tmp_path / "var-lib" / "snapshots" / "cam0").iterdir())
 
 
 @pytest.mark.parametrize(

@@ -151,3 +151,31 @@ def test_docs_config_md_is_up_to_date() -> None:
     assert actual == expected, "docs/config.md is stale: run `python -m agent.config > docs/config.md`"
     assert "`decision.hysteresis`" in actual
     assert "`mqtt.topic_root`" in actual
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({"STATE_DIRECTORY": "/var/lib/fod-agent", "XDG_STATE_HOME": "/x", "HOME": "/h"}, "/var/lib/fod-agent"),
+        ({"STATE_DIRECTORY": "/a:/b", "HOME": "/h"}, "/a"),  # systemd lists several: the first
+        ({"XDG_STATE_HOME": "/x", "HOME": "/h"}, "/x/fod-agent"),
+        ({"XDG_STATE_HOME": "relative", "HOME": "/h"}, "/h/.local/state/fod-agent"),  # XDG: must be absolute
+        ({"HOME": "/h"}, "/h/.local/state/fod-agent"),
+    ],
+)
+def test_default_state_dir(environ: dict[str, str], expected: str) -> None:
+    from agent.statedir import default_state_dir
+
+    assert default_state_dir(environ) == Path(expected)
+
+
+def test_state_paths_default_to_the_state_dir_and_can_be_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "sd"))
+    config = load_config(None)
+    assert config.state_dir == tmp_path / "sd"
+    assert config.mqtt.outbox_dir == tmp_path / "sd" / "outbox"
+    assert config.snapshots.dir == tmp_path / "sd" / "snapshots"
+    config = load_config(None, {"state_dir": str(tmp_path / "mine")})
+    assert config.mqtt.outbox_dir == tmp_path / "mine" / "outbox"
+    config = load_config(None, {"mqtt.outbox_dir": "/o", "snapshots.dir": "/s"})
+    assert (config.mqtt.outbox_dir, config.snapshots.dir) == (Path("/o"), Path("/s"))

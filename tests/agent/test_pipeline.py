@@ -108,6 +108,12 @@ def running() -> Iterator[Callable[[Agent], Running]]:
             run.stop()
 
 
+def wait_alarms(sub: Subscriber, topic: str, n: int, timeout_s: float = 5.0) -> list[Any]:
+    """The first ``n`` alarm messages (the empty payloads that clear the retained alarm at start and stop skipped)."""
+    got = sub.wait_until(topic, lambda ms: len([m for m in ms if m.payload]) >= n, timeout_s)
+    return [m for m in got if m.payload]
+
+
 def payloads(sub: Subscriber, topic: str) -> list[dict[str, Any]]:
     return [m.json() for m in sub.get(topic)]
 
@@ -142,7 +148,7 @@ def test_folder_replay_end_to_end(
     assert all(r["threshold"] == 0.5 and r["roi"] == "full" and r["schema_version"] == 1 for r in got)
     assert all(r["latency_ms"]["total"] >= r["latency_ms"]["inference"] >= 0 for r in got)
 
-    alarms = [m.json() for m in sub.wait_for(f"{topic_root}/cam0/alarm", 2)]
+    alarms = [m.json() for m in wait_alarms(sub, f"{topic_root}/cam0/alarm", 2)]
     assert [(a["previous"], a["state"], a["source_frame"]) for a in alarms] == [
         ("OK", "NG", "004.png"),  # second NG frame of the window
         ("NG", "OK", "007.png"),  # second clear frame
@@ -204,7 +210,7 @@ def test_rois_are_scored_and_thresholded_on_their_own(
     assert got["left"]["verdict"] == "OK"
     assert got["blob"]["verdict"] == "NG"
     assert (got["strict"]["verdict"], got["strict"]["threshold"]) == ("OK", 0.9)
-    alarms = [m.json()["roi"] for m in sub.wait_for(f"{topic_root}/cam0/alarm", 1)]
+    alarms = [m.json()["roi"] for m in wait_alarms(sub, f"{topic_root}/cam0/alarm", 1)]
     assert alarms == ["blob"]
 
 
@@ -350,7 +356,7 @@ def test_commands_change_the_running_agent(
     publish_command(mosquitto, topic_root, "set_threshold", {"camera": "cam0", "threshold": 0.2, "request_id": "t1"})
     assert response(sub, topic_root, "t1")["ok"] is True
     sub.wait_until(result_topic, lambda ms: any(m.json()["verdict"] == "NG" for m in ms), 10)
-    alarm = sub.wait_for(f"{topic_root}/cam0/alarm", 1)[0].json()
+    alarm = wait_alarms(sub, f"{topic_root}/cam0/alarm", 1)[0].json()
     assert (alarm["state"], alarm["threshold"]) == ("NG", 0.2)
 
     # a command for a camera that does not exist changes nothing
@@ -413,9 +419,8 @@ def test_source_that_cannot_be_opened_is_published_and_unhealthy(
         mosquitto,
         topic_root,
         toy_package,
-        tmp_path / "missing",
+        "/dev/v4l/by-id/usb-missing-video-index0",  # a live camera that is unplugged: retried forever
         **{
-            "cameras.0.kind": "folder",
             "cameras.0.reconnect_min_s": 0.05,
             "cameras.0.reconnect_max_s": 0.1,
             "http.port": port,
@@ -429,7 +434,8 @@ def test_source_that_cannot_be_opened_is_published_and_unhealthy(
     ].json()
     assert state["state"] == "failed"
     assert state["connected"] is False
-    assert "missing" in state["error"]
+    assert "usb-missing" in state["error"]
+    assert "not present" in state["error"]
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
     assert info.value.code == 503
@@ -533,7 +539,7 @@ def test_alarms_raised_while_the_broker_is_down_arrive_in_order(
 
     mosquitto.start()
     sub = subscriber(mosquitto, f"{topic_root}/#")
-    alarms = [m.json() for m in sub.wait_for(f"{topic_root}/cam0/alarm", 4, timeout_s=20)]
+    alarms = [m.json() for m in wait_alarms(sub, f"{topic_root}/cam0/alarm", 4, timeout_s=20)]
     assert [(a["state"], a["source_frame"]) for a in alarms] == [("NG", 1), ("OK", 2), ("NG", 3), ("OK", 4)]
     assert [a["alarm_seq"] for a in alarms] == [1, 2, 3, 4]
     assert sub.wait_for(f"{topic_root}/status", 1)[-1].json()["state"] == "online"
@@ -578,3 +584,78 @@ def test_publish_queue_drops_the_oldest_and_counts(tmp_path: Path, toy_package: 
     assert kept == [3, 4]  # drop-oldest: the newest NG frames are kept
     assert agent.metrics.value("fod_queue_dropped_total", {"queue": "publish"}) == 3
     assert agent.metrics.value("fod_queue_depth", {"queue": "publish"}) == 2
+
+
+class LiveGrey:
+    """A live camera object: grey frames at 25 frames/s."""
+
+    fps = 25.0
+
+    def read(self) -> tuple[bool, Any]:
+        return True, frame()
+
+
+class SilentAfter:
+    """A live camera whose read() blocks (socket open, no data) after ``n`` frames until ``unblock``."""
+
+    def __init__(self, n: int, unblock: threading.Event) -> None:
+        self.n = n
+        self.unblock = unblock
+
+    def read(self) -> tuple[bool, Any]:
+        if self.n <= 0:
+            self.unblock.wait()
+            return False, None
+        self.n -= 1
+        time.sleep(0.02)
+        return True, frame()
+
+
+def test_a_stalled_camera_is_published_unhealthy_and_does_not_block_the_others_or_stop(
+    tmp_path: Path,
+    mosquitto: Mosquitto,
+    topic_root: str,
+    toy_package: Path,
+    subscriber: Callable[..., Subscriber],
+    running: Callable[[Agent], Running],
+) -> None:
+    unblock = threading.Event()
+    sub = subscriber(mosquitto, f"{topic_root}/#")
+    config = make_config(
+        tmp_path,
+        mosquitto,
+        topic_root,
+        toy_package,
+        **{
+            "cameras.0.name": "stuck",
+            "cameras.0.stale_after_s": 0.4,
+            "cameras.0.reconnect_min_s": 0.05,
+            "cameras.1.name": "good",
+            "exit_at_end": False,
+        },
+    )
+    agent = Agent(config, sources={"stuck": lambda: SilentAfter(3, unblock), "good": LiveGrey()})
+    run = running(agent)
+    try:
+        states = sub.wait_until(
+            f"{topic_root}/stuck/state", lambda ms: any(m.json()["state"] == "stalled" for m in ms), 15
+        )
+        stalled = next(m.json() for m in states if m.json()["state"] == "stalled")
+        assert stalled["connected"] is False
+        assert "no frame" in stalled["error"]
+        healthy, details = agent.health()
+        assert not healthy
+        assert details["cameras"]["stuck"]["state"] in ("stalled", "reconnecting", "connected")
+        assert details["cameras"]["stuck"]["stalls"] >= 1
+        # the other camera keeps being scored while the stuck reader is blocked
+        before = len(sub.get(f"{topic_root}/good/result"))
+        sub.wait_for(f"{topic_root}/good/result", before + 5, timeout_s=10)
+        assert agent.metrics.value("fod_camera_stalls_total", {"camera": "stuck"}) >= 1
+        started = time.monotonic()
+        run.stop()  # asserts the agent thread ended without error
+        assert time.monotonic() - started < 15
+        assert sub.wait_until(
+            f"{topic_root}/stuck/state", lambda ms: ms[-1].json()["state"] == "ended", 5
+        )[-1].json()["connected"] is False
+    finally:
+        unblock.set()
