@@ -93,6 +93,49 @@ def split_model_path(path: Path) -> tuple[Path, Path | None]:
     raise BackendError(f"model.path {path} not found; set model.path in config.toml or pass --model PKG_DIR")
 
 
+def check_input_size(package: ModelPackage, config: ModelConfig) -> None:
+    """Refuse a package whose graph input is larger than ``model.max_input_side_px`` (before any allocation).
+
+    Raises:
+        ConfigError: names the manifest, the size and the limit.
+    """
+    height, width = package.image_size
+    limit = config.max_input_side_px
+    if not (0 < height <= limit and 0 < width <= limit):
+        raise ConfigError(
+            f"{package.root}/manifest.json declares an input of {height}x{width} px, outside 1..{limit} px per side "
+            f"(model.max_input_side_px): refusing it before allocating buffers; export the model at a smaller "
+            "input size, or raise model.max_input_side_px if the box has the memory"
+        )
+
+
+def check_calibration(calibration: Calibration, root: Path) -> None:
+    """Refuse calibration values the pipeline cannot use (NaN, inf, thresholds <= 0, empty range).
+
+    Raises:
+        ConfigError: names the manifest field and the fix.
+    """
+    where = f"{root}/manifest.json calibration"
+    for key in ("image_threshold", "pixel_threshold", "norm_min", "norm_max"):
+        value = getattr(calibration, key)
+        if not math.isfinite(value):
+            raise ConfigError(
+                f"{where}.{key} is {value}: re-run `fod calibrate --model {root}`, or set model.threshold / "
+                "model.pixel_threshold in config.toml"
+            )
+    for key in ("image_threshold", "pixel_threshold"):
+        if getattr(calibration, key) <= 0:
+            raise ConfigError(
+                f"{where}.{key} is {getattr(calibration, key)}, it must be > 0: re-run `fod calibrate --model {root}` "
+                "or set model.threshold in config.toml"
+            )
+    if calibration.norm_max <= calibration.norm_min:
+        raise ConfigError(
+            f"{where}: norm_max ({calibration.norm_max}) must be above norm_min ({calibration.norm_min}); "
+            f"re-run `fod calibrate --model {root}`"
+        )
+
+
 def effective_calibration(package: ModelPackage, config: ModelConfig) -> tuple[Calibration, bool]:
     """The calibration in force: the package's with the config's overrides applied.
 
@@ -113,7 +156,9 @@ def effective_calibration(package: ModelPackage, config: ModelConfig) -> tuple[C
             updates["image_threshold"] = config.threshold
         if config.pixel_threshold is not None:
             updates["pixel_threshold"] = config.pixel_threshold
-        return (calibration.model_copy(update=updates) if updates else calibration), True
+        effective = calibration.model_copy(update=updates) if updates else calibration
+        check_calibration(effective, package.root)
+        return effective, True
     if config.threshold is None:
         raise ConfigError(
             f"model package {package.root} has no calibration (no threshold); run "
@@ -217,6 +262,7 @@ def load_model(config: ModelConfig, *, path: Path | None = None) -> LoadedModel:
         package = ModelPackage(package_dir)
     except FodError as exc:
         raise BackendError(f"model package refused: {exc}") from exc
+    check_input_size(package, config)
     calibration, calibrated = effective_calibration(package, config)
 
     requested = config.backend

@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 
 from agent import __version__
 from agent.errors import AgentError, BrokerError, ConfigError
+from agent.redact import RedactingFilter, redact
 
 log = logging.getLogger("agent")
 
@@ -249,21 +250,38 @@ def setup_logging(fmt: str = "text", level: str = "INFO") -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(threadName)s]: %(message)s"))
     handler.set_name("fod-agent")
+    handler.addFilter(RedactingFilter())  # no password of a camera URL ever reaches the log
     root = logging.getLogger()
     for old in list(root.handlers):
         if old.get_name() == "fod-agent":  # ours from an earlier call; other handlers (pytest's) stay
             root.removeHandler(old)
     root.addHandler(handler)
+    for other in root.handlers:  # handlers others installed (fod's CLI, libraries) redact too
+        if not any(isinstance(f, RedactingFilter) for f in other.filters):
+            other.addFilter(RedactingFilter())
     root.setLevel(level)
 
 
 def _check_config(config: Any, origin: str) -> int:
+    """Validate what the run would refuse, including the model package's manifest and calibration."""
     warnings = []
     path = config.model.path
     if path is None:
         warnings.append("model.path is not set: pass --model PKG_DIR when starting the agent")
     elif not Path(path).exists():
         warnings.append(f"model.path {path} does not exist on this machine")
+    else:
+        from agent.backends import check_input_size, effective_calibration, split_model_path
+        from fod.errors import FodError
+        from fod.package import ModelPackage
+
+        try:
+            package = ModelPackage(split_model_path(Path(path))[0])
+            check_input_size(package, config.model)
+            effective_calibration(package, config.model)
+        except (AgentError, FodError, ValueError, OSError) as exc:
+            print(f"fod-agent: error: {origin}: model.path {path}: {exc}", file=sys.stderr)
+            return 2
     for camera in config.cameras:
         source = str(camera.source)
         if camera.kind in ("file", "folder") and not Path(source).exists():
@@ -327,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.broker:
             config = apply_broker(config, args.broker)
     except (ConfigError, BrokerError) as exc:
-        print(f"fod-agent: error: {exc}", file=sys.stderr)
+        print(f"fod-agent: error: {redact(str(exc))}", file=sys.stderr)
         return 2
     if args.check_config:
         return _check_config(config, origin)
@@ -335,10 +353,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return asyncio.run(_serve(config))
     except ConfigError as exc:
-        print(f"fod-agent: error: {exc}", file=sys.stderr)
+        print(f"fod-agent: error: {redact(str(exc))}", file=sys.stderr)
         return 2
     except AgentError as exc:
-        print(f"fod-agent: error: {exc}", file=sys.stderr)
+        print(f"fod-agent: error: {redact(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

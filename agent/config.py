@@ -27,7 +27,7 @@ _NAME_HINT = "use letters, digits, '_', '-' or '.' (it becomes an MQTT topic lev
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)  # inf/NaN never valid
 
 
 class RoiConfig(_Section):
@@ -98,10 +98,21 @@ class CameraConfig(_Section):
     height_px: int | None = Field(
         default=None, gt=0, description="cameras only: frame height requested from the driver"
     )
-    reconnect_min_s: float = Field(default=0.5, gt=0, description="first wait before reopening a failed source, s")
-    reconnect_max_s: float = Field(default=30.0, gt=0, description="cap of the exponential reopen back-off, s")
+    reconnect_min_s: float = Field(
+        default=0.5, gt=0, le=3600, description="first wait before reopening a failed source, s (at most 3600)"
+    )
+    reconnect_max_s: float = Field(
+        default=30.0, gt=0, le=3600, description="cap of the exponential reopen back-off, s (at most 3600)"
+    )
     max_read_failures: int = Field(
         default=5, ge=1, description="consecutive failed reads of a live source before it is reopened"
+    )
+    max_frame_side_px: int = Field(
+        default=8192,
+        ge=16,
+        le=65536,
+        description="frames wider or taller than this (px) are dropped and counted "
+        "(fod_frames_broken_total{reason=\"too_large\"}) before any crop, render or snapshot allocates for them",
     )
     stale_after_s: float = Field(
         default=5.0,
@@ -125,6 +136,15 @@ class CameraConfig(_Section):
         min_length=1,
         description="regions of interest ([[cameras.rois]])",
     )
+
+    @field_validator("source")
+    @classmethod
+    def _check_source(cls, value: str | int) -> str | int:
+        if isinstance(value, int) and value < 0:
+            raise ValueError(f"camera index {value} is negative: use 0 for the first camera (/dev/video0)")
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit() and int(value) < 0:
+            raise ValueError(f"camera index {value} is negative: use 0 for the first camera (/dev/video0)")
+        return value
 
     @field_validator("name")
     @classmethod
@@ -174,6 +194,18 @@ class ModelConfig(_Section):
         gt=0,
         description="raw anomaly-map value at or above which a pixel is in the published mask; default: the "
         "package calibration, else the image threshold",
+    )
+    max_input_side_px: int = Field(
+        default=2048,
+        ge=16,
+        le=16384,
+        description="largest graph input (height or width, px) a model package may declare; checked before any "
+        "buffer is allocated (a 20000 px manifest would need tens of GB)",
+    )
+    reload_dir: Path | None = Field(
+        default=None,
+        description="the reload_model command may load packages only inside this folder (symlinks resolved); "
+        "unset = reload_model can only reload the current model.path",
     )
     onnx_threads: int | None = Field(
         default=None,
@@ -226,13 +258,44 @@ class PipelineConfig(_Section):
         description="at start, wait this long for the MQTT broker before capture begins, so that a replay's "
         "first results are not lost; the agent scores anyway when the broker is down, s",
     )
+    health_window_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=86400,
+        description="unhealthy when a ROI of a running camera has had no frame scored and published for this "
+        "long (inference errors, NaN scores, ROI outside the frame, stuck publishing), s",
+    )
+    store_stall_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        description="unhealthy when one alarm write to the outbox has been running this long (frozen disk), s",
+    )
 
 
 class HttpConfig(_Section):
     """The HTTP server: /metrics, /healthz, / (status page), /preview.mjpg."""
 
-    host: str = Field(default="0.0.0.0", description="address to listen on; 127.0.0.1 keeps it local to the box")
+    host: str = Field(
+        default="127.0.0.1",
+        description="address to listen on: 127.0.0.1 (default) keeps it local to the box; 0.0.0.0 = every interface "
+        "(set token_env then, see docs/deployment.md, Security)",
+    )
     port: int = Field(default=8080, ge=0, le=65535, description="TCP port; 0 disables the HTTP server")
+    token_env: str | None = Field(
+        default=None,
+        description="NAME of the environment variable holding an access token; when set, /, /metrics and "
+        "/preview.mjpg need 'Authorization: Bearer <token>' or ?token=<token> (/healthz stays open)",
+    )
+    max_connections: int = Field(
+        default=16, ge=1, le=1024, description="open connections served at once; more are answered 503 and closed"
+    )
+    request_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=300,
+        description="a connection idle for this long (no request, or a preview client not reading) is closed, s",
+    )
     preview_fps: float = Field(default=5.0, gt=0, le=60, description="frame rate of /preview.mjpg, frames/s")
     preview_width_px: int = Field(default=640, ge=64, description="width of the preview frames in px (aspect kept)")
 
@@ -250,6 +313,12 @@ class SnapshotConfig(_Section):
         default=500.0, gt=0, description="delete the oldest snapshots above this total size, MB"
     )
     max_age_h: float = Field(default=168.0, gt=0, description="delete snapshots older than this, hours")
+    min_free_mb: float = Field(
+        default=1000.0,
+        ge=0,
+        description="free space a snapshot must leave on its disk, MB; the oldest snapshots are deleted first, "
+        "else the snapshot is skipped, so snapshots never starve the alarm outbox (0 = no check)",
+    )
     min_interval_s: float = Field(
         default=1.0, ge=0, description="at most one automatic snapshot per camera in this interval, s"
     )

@@ -19,6 +19,7 @@ alarm holds its state (that gap is the hysteresis band). The threshold can chang
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -116,6 +117,13 @@ class RoiDecision:
         if rule.m != self.rule.m:
             self._window = deque(self._window, maxlen=rule.m)
         self.rule = rule
+
+    def copy(self) -> RoiDecision:
+        """An independent copy (state, rule, window and tally), to try an update before committing it."""
+        twin = RoiDecision(self.rule, state=self.state)
+        twin._window = deque(self._window, maxlen=self.rule.m)
+        twin.tally = dataclasses.replace(self.tally)
+        return twin
 
     def update(self, score: float) -> Transition | None:
         """Feed the raw score of one frame.

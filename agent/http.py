@@ -1,7 +1,16 @@
 """The agent's HTTP server: ``/metrics``, ``/healthz``, ``/`` (status page) and ``/preview.mjpg``.
 
 A stdlib ``ThreadingHTTPServer`` in a daemon thread (one thread per request, so a long MJPEG
-stream never blocks a Prometheus scrape). It only reads state the pipeline keeps up to date:
+stream never blocks a Prometheus scrape), bounded: at most ``http.max_connections`` connections
+are served at once (more are answered 503 and closed at once, counted in
+``fod_http_connections_refused_total``), and a connection idle for ``http.request_timeout_s`` (no
+request sent, or a preview client that stopped reading) is closed, so idle clients cannot exhaust
+the process's file descriptors. It binds 127.0.0.1 unless ``http.host`` says otherwise. With
+``http.token_env`` set, every endpoint but ``/healthz`` needs the token (``Authorization: Bearer``,
+``?token=``, or the ``fod_token`` cookie that a valid ``?token=`` sets for the status page's
+preview images). A stdlib server rather than a library: it adds no dependency on the Jetson
+image, and the bounds above are all that the issue asked of a library. It only reads state the
+pipeline keeps up to date:
 
 * ``/metrics``: the Prometheus registry the pipeline and the MQTT link update at each event;
 * ``/healthz``: JSON from the agent's health callback; 200 when the model is loaded and every
@@ -14,9 +23,11 @@ stream never blocks a Prometheus scrape). It only reads state the pipeline keeps
 from __future__ import annotations
 
 import errno
+import hmac
 import html
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -24,15 +35,56 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
 from agent.config import HttpConfig
 from agent.errors import HttpError
+from agent.redact import redact_any
 
 log = logging.getLogger(__name__)
 
 HealthFn = Callable[[], tuple[bool, dict[str, Any]]]
 _BOUNDARY = "fodframe"
+_COOKIE = "fod_token"
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """A threading server that serves at most ``max_connections`` connections at once."""
+
+    daemon_threads = True
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler],
+        *,
+        max_connections: int,
+        on_refused: Callable[[], None],
+    ) -> None:
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._on_refused = on_refused
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self._on_refused()
+            try:
+                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 class PreviewHub:
@@ -107,11 +159,42 @@ class AgentHttpServer:
     ) -> None:
         self.config = config
         self.registry = registry
-        self.health = health
+        self.health: HealthFn = lambda: _redacted(health)
         self.cameras = cameras
         self.preview = preview
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self.token = self._read_token(config)
+        self._m_refused = Counter(
+            "fod_http_connections_refused_total",
+            "HTTP connections refused because http.max_connections were open",
+            registry=registry,
+        )
+
+    @staticmethod
+    def _read_token(config: HttpConfig) -> str | None:
+        if config.token_env is None:
+            return None
+        value = os.environ.get(config.token_env, "")
+        if len(value) < 16:
+            raise HttpError(
+                f"http.token_env names {config.token_env}, which is "
+                f"{'unset' if not value else 'shorter than 16 characters'}; "
+                "export a long random token (openssl rand -hex 32) or remove http.token_env"
+            )
+        return value
+
+    def authorized(self, headers: Any, query: dict[str, list[str]]) -> tuple[bool, bool]:
+        """Whether a request carries the token; second value: it came as ``?token=`` (set the cookie)."""
+        if self.token is None:
+            return True, False
+        given = [v[len("Bearer ") :] for v in [headers.get("Authorization", "")] if v.startswith("Bearer ")]
+        given += [c.split("=", 1)[1] for c in headers.get("Cookie", "").split("; ") if c.startswith(f"{_COOKIE}=")]
+        from_query = query.get("token", [])
+        for candidate in (*given, *from_query):
+            if hmac.compare_digest(candidate.encode(), self.token.encode()):
+                return True, candidate in from_query
+        return False, False
 
     @property
     def port(self) -> int:
@@ -130,7 +213,12 @@ class AgentHttpServer:
             return
         handler = _make_handler(self)
         try:
-            server = ThreadingHTTPServer((self.config.host, self.config.port), handler)
+            server = _BoundedServer(
+                (self.config.host, self.config.port),
+                handler,
+                max_connections=self.config.max_connections,
+                on_refused=self._m_refused.inc,
+            )
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise HttpError(
@@ -143,13 +231,23 @@ class AgentHttpServer:
                 f"cannot listen on http.host {self.config.host!r} port {self.config.port}: {exc}; "
                 "check http.host (0.0.0.0 = all interfaces, 127.0.0.1 = local only)"
             ) from exc
-        server.daemon_threads = True
         self._server = server
         self._thread = threading.Thread(
             target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="http", daemon=True
         )
         self._thread.start()
-        log.info("HTTP on http://%s:%d/ (/metrics, /healthz, /preview.mjpg)", self.config.host, self.port)
+        log.info(
+            "HTTP on http://%s:%d/ (/metrics, /healthz, /preview.mjpg)%s",
+            self.config.host,
+            self.port,
+            "" if self.token is not None else " without a token",
+        )
+        if self.token is None and self.config.host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning(
+                "HTTP listens on %s without a token: anyone on the network sees the camera preview; "
+                "set http.token_env (docs/deployment.md, Security)",
+                self.config.host,
+            )
 
     def stop(self) -> None:
         """Stop serving and close the socket. Idempotent."""
@@ -163,9 +261,16 @@ class AgentHttpServer:
             self._thread = None
 
 
+def _redacted(health: HealthFn) -> tuple[bool, dict[str, Any]]:
+    healthy, details = health()
+    return healthy, redact_any(details)
+
+
 def _make_handler(app: AgentHttpServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "fod-agent"
+        timeout = app.config.request_timeout_s  # idle connections and stalled readers are closed
+        _set_cookie = False
 
         def log_message(self, format: str, *args: Any) -> None:
             log.debug("http %s - " + format, self.address_string(), *args)
@@ -173,6 +278,11 @@ def _make_handler(app: AgentHttpServer) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:
             url = urlparse(self.path)
             try:
+                ok, from_query = app.authorized(self.headers, parse_qs(url.query))
+                if not ok and url.path != "/healthz":
+                    self._send(401, "text/plain", b"token required: Authorization: Bearer <token> or ?token=<token>\n")
+                    return
+                self._set_cookie = from_query
                 if url.path == "/metrics":
                     self._send(200, CONTENT_TYPE_LATEST, generate_latest(app.registry))
                 elif url.path == "/healthz":
@@ -189,7 +299,7 @@ def _make_handler(app: AgentHttpServer) -> type[BaseHTTPRequestHandler]:
                         self._stream(camera)
                 else:
                     self._send(404, "text/plain", b"not found; try /, /metrics, /healthz, /preview.mjpg\n")
-            except (BrokenPipeError, ConnectionResetError):
+            except (TimeoutError, BrokenPipeError, ConnectionResetError):
                 pass
 
         def _send(self, code: int, content_type: str, body: bytes) -> None:
@@ -197,8 +307,13 @@ def _make_handler(app: AgentHttpServer) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Cache-Control", "no-store")
+            self._cookie()
             self.end_headers()
             self.wfile.write(body)
+
+        def _cookie(self) -> None:
+            if self._set_cookie and app.token is not None:
+                self.send_header("Set-Cookie", f"{_COOKIE}={app.token}; HttpOnly; SameSite=Strict; Path=/")
 
         def _stream(self, camera: str) -> None:
             self.send_response(200)

@@ -109,6 +109,16 @@ class AgentMetrics:
         self.paused = Gauge("fod_paused", "1 while scoring is paused by command", registry=r)
         self.snapshots_saved = Counter("fod_snapshots_saved_total", "Snapshots written", ["camera"], registry=r)
         self.snapshots_pruned = Counter("fod_snapshots_pruned_total", "Snapshots deleted by retention", registry=r)
+        self.healthy = Gauge("fod_healthy", "1 while the derived health is good, else 0 (see /healthz)", registry=r)
+        self.health_problems = Gauge(
+            "fod_health_problems", "Number of health problems (their text is in /healthz and the status)", registry=r
+        )
+        self.alarm_store_failures = Counter(
+            "fod_alarm_store_failures_total",
+            "Alarm writes to the outbox that failed (the transition is not taken and is retried)",
+            registry=r,
+        )
+        self.alarms_pending = Gauge("fod_alarm_store_pending", "Alarms waiting to be written to the outbox", registry=r)
         self.errors = Counter("fod_pipeline_errors_total", "Errors caught in the pipeline", ["stage"], registry=r)
 
     # CaptureMetrics protocol (agent.capture) -------------------------------------------------

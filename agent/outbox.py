@@ -14,25 +14,42 @@ dropped to make room, the ``on_drop`` callback runs (the MQTT link counts it in
 ``fod_alarm_outbox_dropped_total``) and an error is logged naming the dropped ``alarm_seq``. The
 newest alarms carry the current state, so they are the ones worth keeping.
 
+Identity: each database gets an ``epoch`` when it is created (UTC creation time + random suffix,
+stored in the ``meta`` table). ``(agent_id, epoch, seq)`` never repeats, even when the outbox is
+deleted, lost or replaced (its numbering then restarts at 1 under a new epoch).
+
+Failed writes: :meth:`Outbox.add` either stores the entry or raises :class:`OutboxError` naming the
+cause (disk full, read-only file system, I/O error); nothing is half-written and the caller keeps
+its state so it can retry.
+
+Damaged rows: a row that cannot be read (invalid text, wrong type, unreadable page) is moved to the
+``dead_letter`` table (raw bytes kept for forensics), counted through ``on_dead_letter`` and logged
+with its sequence number; delivery goes on with the next row. The caller can dead-letter a row it
+cannot send (:meth:`Outbox.dead_letter`). At start, a failed ``PRAGMA quick_check`` moves the file
+aside (``*.corrupt-<unix time>``) and copies every readable row into a new database that keeps the
+epoch and the numbering; unreadable rows are counted as dead letters.
+
 One process per outbox directory: a second :class:`Outbox` on the same directory (another agent
 with the same ``mqtt.outbox_dir``) raises :class:`OutboxError` instead of interleaving sequence numbers.
-A database file that sqlite cannot read is moved aside (``*.corrupt-<unix time>``) with an error in
-the log, and a new, empty outbox starts (its numbering restarts at 1).
+A database file that sqlite cannot open at all is moved aside the same way and a new, empty outbox
+starts under a new epoch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import secrets
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 from agent.errors import AgentError
+from agent.outbox_repair import OutboxEntry, copy_readable, describe_row, entry_from_row, sqlite_cause
 
 try:  # POSIX only; the agent targets Linux (Jetson, x86)
     import fcntl
@@ -51,29 +68,28 @@ CREATE TABLE IF NOT EXISTS outbox (
     topic TEXT NOT NULL,
     payload BLOB NOT NULL,
     created_ts REAL NOT NULL
-)
+);
+CREATE TABLE IF NOT EXISTS dead_letter (
+    seq INTEGER PRIMARY KEY,
+    topic BLOB,
+    payload BLOB,
+    reason TEXT NOT NULL,
+    moved_ts REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)
 """
+BUSY_TIMEOUT_S = 30.0
+"""How long a write waits for a sqlite lock held by someone else before it fails (s)."""
+
+
+def new_epoch(now: float | None = None) -> str:
+    """A fresh outbox epoch: ``YYYYmmddTHHMMSSZ-<8 hex>`` (UTC creation time, sorts by age)."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now is None else now))
+    return f"{stamp}-{secrets.token_hex(4)}"
 
 
 class OutboxError(AgentError):
     """The outbox directory cannot be used (not writable, or in use by another process)."""
-
-
-@dataclass(frozen=True)
-class OutboxEntry:
-    """One stored alarm.
-
-    Attributes:
-        seq: Sequence number (``alarm_seq``), monotonic per outbox directory, starting at 1.
-        topic: MQTT topic to publish on.
-        payload: Message bytes (JSON of :class:`agent.schemas.AlarmPayload`).
-        created_ts: Unix time (s) at which the entry was added.
-    """
-
-    seq: int
-    topic: str
-    payload: bytes
-    created_ts: float
 
 
 class Outbox:
@@ -83,6 +99,8 @@ class Outbox:
         directory: Folder for ``alarms.sqlite3`` (created if missing).
         max_messages: Capacity (>= 1); when full, the oldest entry is dropped (see module doc).
         on_drop: Called (under the outbox lock, keep it short) with each entry dropped for room.
+        on_dead_letter: Called (under the outbox lock) with ``(seq, reason)`` of each row moved to
+            the dead-letter table.
 
     Raises:
         OutboxError: The folder cannot be created or written, or another process holds it.
@@ -94,6 +112,7 @@ class Outbox:
         *,
         max_messages: int = DEFAULT_MAX_MESSAGES,
         on_drop: Callable[[OutboxEntry], None] | None = None,
+        on_dead_letter: Callable[[int, str], None] | None = None,
     ) -> None:
         if max_messages < 1:
             raise ValueError(f"max_messages must be >= 1, got {max_messages}")
@@ -101,6 +120,9 @@ class Outbox:
         self.path = self.directory / DB_NAME
         self.max_messages = max_messages
         self._on_drop = on_drop
+        self._on_dead_letter = on_dead_letter
+        self.dead_letters = 0
+        """Rows moved to the dead-letter table by this process."""
         self._lock = threading.Lock()
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -124,38 +146,83 @@ class Outbox:
         except BaseException:
             os.close(self._lock_fd)
             raise
+        self.epoch = self._epoch()
+        """Identity of this database (see module doc); a new file gets a new epoch."""
         self._depth = int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
         if self._depth:
             log.info("alarm outbox %s holds %d undelivered alarm(s)", self.path, self._depth)
 
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+    def _connect(self, path: Path | None = None) -> sqlite3.Connection:
+        db = sqlite3.connect(path or self.path, check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT_S)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
-        db.execute(_SCHEMA)
-        db.execute("PRAGMA quick_check").fetchone()
+        db.executescript(_SCHEMA)
         return db
+
+    def _epoch(self) -> str:
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
+        if row is not None:
+            return str(row[0])
+        epoch = new_epoch()
+        self._db.execute("INSERT INTO meta (key, value) VALUES ('epoch', ?)", (epoch,))
+        return epoch
+
+    def _move_aside(self) -> Path:
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(f"{self.path}{suffix}")
+            if src.exists():
+                src.replace(Path(f"{aside}{suffix}"))
+        return aside
 
     def _open(self) -> sqlite3.Connection:
         try:
-            return self._connect()
+            db = self._connect()
         except sqlite3.DatabaseError as exc:
-            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+            aside = self._move_aside()
             log.error(
-                "alarm outbox %s is unreadable (%s): moved it to %s and started an empty outbox; "
-                "undelivered alarms in it are lost",
+                "alarm outbox %s is unreadable (%s): moved it to %s and started an empty outbox under a new "
+                "epoch; undelivered alarms in it are lost",
                 self.path,
                 exc,
                 aside,
             )
-            for suffix in ("", "-wal", "-shm"):
-                src = Path(f"{self.path}{suffix}")
-                if src.exists():
-                    src.replace(Path(f"{aside}{suffix}"))
             try:
                 return self._connect()
             except sqlite3.Error as exc2:
                 raise OutboxError(f"cannot create alarm outbox {self.path}: {exc2}") from exc2
+        try:
+            check = [str(r[0]) for r in db.execute("PRAGMA quick_check").fetchall()]
+        except sqlite3.DatabaseError as exc:
+            check = [str(exc)]
+        if check == ["ok"]:
+            return db
+        db.close()
+        return self._salvage("; ".join(check[:3]))
+
+    def _salvage(self, problem: str) -> sqlite3.Connection:
+        """Copy every readable row of a damaged database into a new one (same epoch and numbering)."""
+        aside = self._move_aside()
+        old = sqlite3.connect(aside, check_same_thread=False, isolation_level=None)
+        db = self._connect()
+        try:
+            lost = copy_readable(old, db, aside.name, probe=10 * self.max_messages)
+        finally:
+            old.close()
+        log.error(
+            "alarm outbox %s failed its integrity check (%s): moved it to %s and copied the readable rows into a "
+            "new database; %d unreadable row(s) dead-lettered (alarm_seq %s)",
+            self.path,
+            problem,
+            aside,
+            len(lost),
+            lost[:20],
+        )
+        self.dead_letters += len(lost)
+        if self._on_dead_letter is not None:
+            for seq in lost:
+                self._on_dead_letter(seq, "unreadable in damaged database")
+        return db
 
     def __len__(self) -> int:
         """Number of entries waiting (the outbox depth)."""
@@ -198,11 +265,12 @@ class Outbox:
                     )
                     self._db.execute("COMMIT")
                 except BaseException:
-                    self._db.execute("ROLLBACK")
+                    self._rollback()
                     raise
             except sqlite3.Error as exc:
                 raise OutboxError(
-                    f"cannot write alarm outbox {self.path}: {exc}; check free disk space and permissions"
+                    f"cannot write alarm outbox {self.path}: {sqlite_cause(exc)}; the alarm was not stored and is "
+                    "retried (check free disk space, permissions and the disk holding mqtt.outbox_dir)"
                 ) from exc
             self._depth += 1 - len(dropped)
             for entry in dropped:
@@ -220,19 +288,93 @@ class Outbox:
     def peek(self, after_seq: int = 0, limit: int = 100) -> list[OutboxEntry]:
         """Oldest entries with ``seq > after_seq``, in order (they stay in the outbox).
 
+        A row that cannot be read is moved to the dead-letter table (see module doc) and skipped.
+
         Args:
             after_seq: Only entries after this sequence number.
             limit: Maximum number of entries returned.
 
         Returns:
             Up to ``limit`` entries ordered by ``seq``.
+
+        Raises:
+            OutboxError: The database cannot be read at all.
+        """
+        out: list[OutboxEntry] = []
+        with self._lock:
+            try:
+                seqs = [
+                    int(r[0])
+                    for r in self._db.execute(
+                        "SELECT seq FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)
+                    ).fetchall()
+                ]
+            except sqlite3.Error as exc:
+                raise OutboxError(f"cannot read alarm outbox {self.path}: {sqlite_cause(exc)}") from exc
+            for seq in seqs:
+                try:
+                    row = self._db.execute(
+                        "SELECT topic, payload, created_ts FROM outbox WHERE seq = ?", (seq,)
+                    ).fetchone()
+                except sqlite3.Error as exc:
+                    self._dead_letter_locked(seq, f"unreadable: {sqlite_cause(exc)}")
+                    continue
+                if row is None:
+                    continue
+                entry = entry_from_row(seq, row)
+                if entry is None:
+                    self._dead_letter_locked(seq, f"row has invalid fields {describe_row(row)}")
+                    continue
+                out.append(entry)
+        return out
+
+    def dead_letter(self, seq: int, reason: str) -> None:
+        """Move one row to the dead-letter table (it is never delivered), count and log it.
+
+        Args:
+            seq: Sequence number of the row.
+            reason: Why (logged and stored with the row).
         """
         with self._lock:
-            rows = self._db.execute(
-                "SELECT seq, topic, payload, created_ts FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
-                (after_seq, limit),
-            ).fetchall()
-        return [OutboxEntry(int(s), t, bytes(p), float(c)) for s, t, p, c in rows]
+            self._dead_letter_locked(seq, reason)
+
+    def _dead_letter_locked(self, seq: int, reason: str) -> None:
+        now = time.time()
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                with contextlib.suppress(sqlite3.Error):  # keep the raw bytes when they can be read
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO dead_letter (seq, topic, payload, reason, moved_ts) "
+                        "SELECT seq, CAST(topic AS BLOB), CAST(payload AS BLOB), ?, ? FROM outbox WHERE seq = ?",
+                        (reason, now, seq),
+                    )
+                gone = self._db.execute("DELETE FROM outbox WHERE seq = ?", (seq,)).rowcount
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
+        except sqlite3.Error as exc:
+            raise OutboxError(
+                f"cannot move damaged alarm_seq={seq} out of {self.path}: {sqlite_cause(exc)}; stop the agent and move "
+                f"{self.path} aside (the agent salvages the readable rows at the next start)"
+            ) from exc
+        self._depth -= max(0, gone)
+        self.dead_letters += 1
+        log.error("alarm outbox %s: alarm_seq=%d moved to the dead-letter table: %s", self.path, seq, reason)
+        if self._on_dead_letter is not None:
+            self._on_dead_letter(seq, reason)
+
+    def dead_letter_seqs(self) -> list[int]:
+        """Sequence numbers in the dead-letter table, in order."""
+        with self._lock:
+            return [int(r[0]) for r in self._db.execute("SELECT seq FROM dead_letter ORDER BY seq")]
+
+    def _rollback(self) -> None:
+        """Roll back if a transaction is still open (sqlite may already have rolled back on I/O errors)."""
+        if self._db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
 
     def remove(self, seqs: Iterable[int]) -> int:
         """Delete delivered entries (unknown sequence numbers are ignored).
@@ -257,11 +399,11 @@ class Outbox:
                     self._db.executemany("DELETE FROM outbox WHERE seq = ?", keys)
                     self._db.execute("COMMIT")
                 except BaseException:
-                    self._db.execute("ROLLBACK")
+                    self._rollback()
                     raise
                 removed = self._db.total_changes - before
             except sqlite3.Error as exc:
-                raise OutboxError(f"cannot update alarm outbox {self.path}: {exc}") from exc
+                raise OutboxError(f"cannot update alarm outbox {self.path}: {sqlite_cause(exc)}") from exc
             self._depth -= removed
         return removed
 
@@ -295,3 +437,4 @@ class Outbox:
     ) -> None:
         """Close the outbox."""
         self.close()
+

@@ -91,15 +91,32 @@ class AlarmPayload(Payload):
 
     Alarms go through the on-disk outbox (:mod:`agent.outbox`): they survive broker outages and
     agent restarts and are delivered in ``alarm_seq`` order. Delivery is at-least-once: after a
-    lost acknowledgement a consumer can see the same ``alarm_seq`` twice and should drop repeats.
+    lost acknowledgement a consumer can see the same alarm twice and should drop repeats.
+
+    Identity: ``alarm_id`` = ``<agent_id>/<alarm_epoch>/<alarm_seq>`` never repeats, even when the
+    outbox is lost or replaced (a new outbox gets a new ``alarm_epoch`` and restarts ``alarm_seq``
+    at 1). Consumer rule (docs/mqtt.md): drop an alarm whose ``alarm_id`` was seen; within one
+    ``(agent_id, alarm_epoch)``, ``alarm_seq`` increases in delivery order.
     """
 
     alarm_seq: int = Field(
         default=0,
         description=(
             "Per-agent monotonic alarm number, assigned by the outbox when the alarm is raised; "
-            "survives restarts. Repeats of a seen alarm_seq are duplicates."
+            "survives restarts of the same outbox; restarts at 1 under a new alarm_epoch."
         ),
+    )
+    agent_id: str = Field(default="", description="Agent that raised the alarm (config agent_id).")
+    alarm_epoch: str = Field(
+        default="",
+        description=(
+            "Identity of the outbox database that numbered the alarm (UTC creation time + random suffix, "
+            "sorts by age); changes when the outbox is lost or replaced."
+        ),
+    )
+    alarm_id: str = Field(
+        default="",
+        description="<agent_id>/<alarm_epoch>/<alarm_seq>: unique across restarts and replaced storage.",
     )
     camera: str = Field(description="Camera name (as in the topic).")
     roi: str = Field(description="Region-of-interest name within the camera.")
@@ -151,6 +168,16 @@ class StatusPayload(Payload):
         default=None, description="Inference backend in use (tensorrt | onnxruntime)."
     )
     model: str | None = Field(default=None, description="Model package or engine in use (name or path).")
+    healthy: bool | None = Field(
+        default=None,
+        description=(
+            "Health derived from work done (frames scored and alarms stored within the window, see /healthz); "
+            "null before the first health check and in the Last Will."
+        ),
+    )
+    problems: list[str] = Field(
+        default_factory=list, description="Why the agent is unhealthy (empty when healthy)."
+    )
 
 
 class CommandResponse(Payload):

@@ -201,6 +201,7 @@ class FolderSource(Source):
                 "check cameras.source"
             )
         self._next = 0
+        self._warned: set[Path] = set()
 
     def read(self) -> tuple[bool, Any]:
         """Decode the next file: ``(True, None)`` when it cannot be decoded, ``(False, None)`` at the end."""
@@ -212,7 +213,9 @@ class FolderSource(Source):
         try:
             return True, read_image(str(path))
         except InputError as exc:
-            log.debug("%s", exc)
+            if path not in self._warned:  # named once per file and pass over the folder
+                self._warned.add(path)
+                log.warning("skipped: %s", exc)  # the message names the file
             return True, None
 
 

@@ -34,6 +34,16 @@ log = logging.getLogger("agent.mqtt")
 
 
 
+YIELDING_KINDS = frozenset({"result", "mask", "overlay"})
+"""Message kinds that yield to alarms (alarms first): dropped and counted rather than queued ahead."""
+ALARM_FIRST_BYTES = 16 * 1024
+"""While alarms wait in the outbox, results and images are dropped (``reason="alarm_first"``) as soon as
+more than this many bytes of them wait for the socket (a fast link never gets there)."""
+BACKLOG_LIMIT_BYTES = 64 * 1024
+"""Results and images handed to paho and not yet written to the socket, in bytes, above which more are
+dropped (``reason="backlog"``): on a slow uplink they would otherwise queue in front of the next alarm."""
+
+
 class LinkState:
     """Attributes shared by the link's parts (set by :meth:`agent.mqtt.link.MqttLink.__init__`)."""
 
@@ -53,6 +63,7 @@ class LinkState:
     _states: dict[str, CameraStatePayload]
     _backend: str | None
     _model: str | None
+    _health: tuple[bool | None, tuple[str, ...]]
     _result_counts: dict[tuple[str, str], int]
     _image_last: dict[tuple[str, str], float]
     _sessions: int
@@ -63,6 +74,10 @@ class LinkState:
     _password: str | None
     _ssl_context: ssl.SSLContext | None
     _outbox: Outbox
+    _backlog_lock: threading.Lock
+    _backlog: dict[int, int]
+    _backlog_bytes: int
+    _backlog_early: set[int]
     _commands: CommandQueue
 
     def _init_metrics(self, registry: CollectorRegistry | None) -> None:
@@ -106,6 +121,11 @@ class LinkState:
             "Oldest alarms dropped because the outbox was full",
             registry=reg,
         )
+        self._m_dead_letter = Counter(
+            "fod_alarm_outbox_dead_letter_total",
+            "Outbox rows that could not be read or sent, moved to the dead-letter table (never delivered)",
+            registry=reg,
+        )
         self._m_alarms = Counter(
             "fod_alarms_total", "Alarms raised, by new state (NG | OK)", ["state"], registry=reg
         )
@@ -139,12 +159,49 @@ class LinkState:
                 self.max_packet_bytes,
             )
             return False
+        yielding = kind in YIELDING_KINDS
+        if yielding:
+            reason = self._yield_reason()
+            if reason is not None:
+                self._m_dropped.labels(kind, reason).inc()
+                return False
         info = client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
             self._m_published.labels(kind).inc()
+            if yielding:
+                with self._backlog_lock:
+                    if info.mid in self._backlog_early:  # already written (on_publish came first)
+                        self._backlog_early.discard(info.mid)
+                    else:
+                        self._backlog[info.mid] = len(payload)
+                        self._backlog_bytes += len(payload)
             return True
         self._m_dropped.labels(kind, "disconnected").inc()
         return False
+
+    def _yield_reason(self) -> str | None:
+        """Why a result or image must give way now: ``alarm_first`` or ``backlog``; None = send it."""
+        with self._backlog_lock:
+            backlog = self._backlog_bytes
+        if backlog > BACKLOG_LIMIT_BYTES:
+            return "backlog"  # the uplink is slower than what we produce: do not queue more
+        if backlog > ALARM_FIRST_BYTES and len(self._outbox) > 0:
+            return "alarm_first"  # alarms wait for the link: nothing more goes in front of them
+        return None
+
+    def _sent(self, mid: int) -> None:
+        """Paho wrote message ``mid`` to the socket (QoS 0) or had it acknowledged (QoS > 0)."""
+        with self._backlog_lock:
+            if mid in self._backlog:
+                self._backlog_bytes -= self._backlog.pop(mid)
+            elif len(self._backlog_early) < 4096:  # alarms and statuses land here too: approximate, bounded
+                self._backlog_early.add(mid)  # maybe a result whose publish() has not returned yet
+
+    def _reset_backlog(self) -> None:
+        with self._backlog_lock:
+            self._backlog.clear()
+            self._backlog_early.clear()
+            self._backlog_bytes = 0
 
     def _status_payload(self, state: Literal["online", "offline"]) -> StatusPayload:
         return StatusPayload(
@@ -154,6 +211,8 @@ class LinkState:
             version=__version__,
             backend=self._backend,
             model=self._model,
+            healthy=self._health[0] if state == "online" else None,
+            problems=list(self._health[1]) if state == "online" else [],
         )
 
     def _publish_status(self, client: mqtt.Client, state: Literal["online", "offline"]) -> bool:

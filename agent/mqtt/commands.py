@@ -17,7 +17,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from prometheus_client import Counter
 
-from agent.commands import Command, CommandError, parse_command
+from agent.commands import Command, CommandAuth, CommandError, parse_command
 from agent.schemas import CommandResponse
 
 log = logging.getLogger("agent.mqtt")
@@ -40,6 +40,8 @@ class CommandQueue:
             client of the message when answering from paho's thread, ``None`` from the command
             thread (the link then uses its live connection, if any).
         counter: ``fod_mqtt_commands_total{result}``.
+        auth: Checks each command's signature (see :class:`agent.commands.CommandAuth`); None = no check
+            (only for tests of the parser: the link always passes one when commands are on).
     """
 
     def __init__(
@@ -49,7 +51,9 @@ class CommandQueue:
         on_command: Callable[[Command], dict[str, Any]] | None,
         respond: Callable[[bytes, mqtt.Client | None, str], None],
         counter: Counter,
+        auth: CommandAuth | None = None,
     ) -> None:
+        self._auth = auth
         self.prefix = f"{root}/cmd/"
         self.response_topic = f"{root}/cmd/response"
         self._on_command = on_command
@@ -123,7 +127,7 @@ class CommandQueue:
                     f"flag; clear it with: mosquitto_pub -r -n -t '{topic}'",
                     command=name,
                 )
-            command = parse_command(name, payload)
+            command = parse_command(name, payload, auth=self._auth)
             request_id = command.request_id
             if self._on_command is None:
                 raise CommandError("this agent does not accept commands (no command handler)", command=name)

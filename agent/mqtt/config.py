@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from agent.errors import BrokerError
 
@@ -44,7 +44,7 @@ def validate_topic_level(name: str, what: str = "camera name") -> str:
 class MqttTlsConfig(BaseModel):
     """TLS settings of the broker connection (``[mqtt.tls]``); present = TLS on."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     ca_file: Path | None = Field(
         default=None,
@@ -107,7 +107,7 @@ class MqttTlsConfig(BaseModel):
 class MqttConfig(BaseModel):
     """MQTT settings of the agent (the ``[mqtt]`` section of ``config.toml``)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     host: str = Field(default="localhost", min_length=1, description="Broker host name or IP address.")
     port: int = Field(default=1883, ge=1, le=65535, description="Broker TCP port (1883 plain, 8883 TLS).")
@@ -164,9 +164,11 @@ class MqttConfig(BaseModel):
         "('1' NG, '0' OK, retained, QoS 1) and <root>/plc/<camera>/<roi>/score (normalised score, '0.734', QoS 0).",
     )
     reconnect_min_s: float = Field(
-        default=0.5, gt=0.0, description="First reconnect delay (s); doubles per failure."
+        default=0.5, gt=0.0, le=3600.0, description="First reconnect delay (s, at most 3600); doubles per failure."
     )
-    reconnect_max_s: float = Field(default=30.0, gt=0.0, description="Cap of the reconnect delay (s).")
+    reconnect_max_s: float = Field(
+        default=30.0, gt=0.0, le=3600.0, description="Cap of the reconnect delay (s, at most 3600)."
+    )
     outbox_dir: Path | None = Field(
         default=None,
         description="Folder of the on-disk alarm outbox (one per agent); unset = <state_dir>/outbox. "
@@ -176,6 +178,24 @@ class MqttConfig(BaseModel):
         default=10_000,
         ge=1,
         description="Outbox capacity; when full the OLDEST alarm is dropped and counted.",
+    )
+
+    commands: bool = Field(
+        default=False,
+        description=(
+            "Accept commands on <root>/cmd/# (off by default: the agent does not subscribe). When on, "
+            "command_secret_env is required and every command must be signed (docs/mqtt.md, Commands)."
+        ),
+    )
+    command_secret_env: str | None = Field(
+        default=None,
+        description="NAME of the environment variable holding the shared command secret (never the secret itself).",
+    )
+    command_max_age_s: float = Field(
+        default=30.0,
+        gt=0.0,
+        le=3600.0,
+        description="Signed commands older (or newer) than this by the agent's clock are refused (s).",
     )
 
     @field_validator("topic_root")
@@ -195,13 +215,13 @@ class MqttConfig(BaseModel):
             )
         return value
 
-    @field_validator("password_env")
+    @field_validator("password_env", "command_secret_env")
     @classmethod
-    def _check_env_name(cls, value: str | None) -> str | None:
+    def _check_env_name(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is not None and not _ENV_NAME.match(value):
             raise ValueError(
-                f"mqtt.password_env must be the NAME of an environment variable (like 'FOD_MQTT_PASSWORD'), "
-                f"got {value!r}; never put the password itself in the config"
+                f"mqtt.{info.field_name} must be the NAME of an environment variable (like 'FOD_MQTT_SECRET'), "
+                f"got {value!r}; never put the secret itself in the config"
             )
         return value
 
@@ -212,11 +232,33 @@ class MqttConfig(BaseModel):
                 f"mqtt.reconnect_max_s ({self.reconnect_max_s}) must be >= mqtt.reconnect_min_s "
                 f"({self.reconnect_min_s})"
             )
+        if self.commands and self.command_secret_env is None:
+            raise ValueError(
+                "mqtt.commands is on but mqtt.command_secret_env is not set: commands must be authenticated; "
+                "set command_secret_env to the NAME of a variable holding a long random secret, or commands = false"
+            )
         if self.password_env is not None and self.username is None:
             raise ValueError(
                 "mqtt.password_env is set but mqtt.username is not: MQTT sends a password only with a user"
             )
         return self
+
+    def command_secret(self) -> str | None:
+        """Read the shared command secret from ``command_secret_env`` (None when commands are off).
+
+        Raises:
+            BrokerError: The variable is not set or shorter than 16 characters.
+        """
+        if not self.commands or self.command_secret_env is None:
+            return None
+        value = os.environ.get(self.command_secret_env, "")
+        if len(value) < 16:
+            raise BrokerError(
+                f"mqtt.commands is on but the environment variable {self.command_secret_env} "
+                f"(mqtt.command_secret_env) is {'unset' if not value else 'shorter than 16 characters'}; "
+                "export a long random secret, e.g. `openssl rand -hex 32`"
+            )
+        return value
 
     def password(self) -> str | None:
         """Read the password from the environment variable named by ``password_env``.
@@ -275,6 +317,11 @@ class MqttConfig(BaseModel):
             update["tls"] = self.tls or MqttTlsConfig()
             update["port"] = port or 8883
         else:
+            if self.tls is not None:
+                raise BrokerError(
+                    f"--broker {scheme}://{parts.hostname} is plain MQTT but config.toml has an [mqtt.tls] section; "
+                    f"use --broker mqtts://{parts.hostname} to keep TLS, or remove [mqtt.tls] to connect without it"
+                )
             update["tls"] = None
             update["port"] = port or 1883
         if parts.username:

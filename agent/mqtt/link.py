@@ -5,7 +5,8 @@ network loop in paho's thread via ``loop_start``) and a supervisor thread that c
 forever with capped exponential back-off (``reconnect_min_s`` doubling up to ``reconnect_max_s``)
 and delivers alarms from the on-disk outbox (:mod:`agent.outbox`).
 
-On every (re)connection, in this order: subscribe ``<root>/cmd/#``; publish ``online`` on
+On every (re)connection, in this order: subscribe ``<root>/cmd/#`` (only with ``mqtt.commands = true``;
+every command must then be signed, see :class:`agent.commands.CommandAuth`); publish ``online`` on
 ``<root>/status`` (retained); republish the latest state of every camera (retained); deliver the
 outbox from its oldest entry, in order, at most :data:`ALARM_WINDOW` unacknowledged at a time. An
 alarm leaves the outbox only when the broker acknowledged it (PUBACK for QoS 1, PUBCOMP for QoS 2).
@@ -15,11 +16,20 @@ paho would re-send its in-memory copies of unacknowledged messages after a recon
 anything published from ``on_connect``, which can reorder alarms and resurrect stale retained
 camera states. With a fresh client the outbox is the only source of alarms and the order on the
 wire is always the outbox order. Delivery is at-least-once: an alarm whose PUBACK was lost with the
-connection is sent again on the next connection; consumers drop repeats by ``alarm_seq``.
+connection is sent again on the next connection; consumers drop repeats by ``alarm_id``. A stored
+row that cannot be read or sent is moved to the outbox's dead-letter table (counted in
+``fod_alarm_outbox_dead_letter_total``, logged with its ``alarm_seq``) and delivery goes on.
 
 The Last Will is a retained ``offline`` :class:`~agent.schemas.StatusPayload` on ``<root>/status``;
 :meth:`MqttLink.stop` flushes the outbox (bounded by its timeout), publishes ``offline`` itself and
 disconnects cleanly.
+
+Alarms first: results and images are counted from the moment they are handed to paho until paho
+has written them to the socket. When more than :data:`~agent.mqtt.base.BACKLOG_LIMIT_BYTES` of them
+wait (a slow uplink), further ones are dropped (``fod_mqtt_messages_dropped_total{reason="backlog"}``);
+while an alarm is stored and not yet acknowledged, that limit drops to
+:data:`~agent.mqtt.base.ALARM_FIRST_BYTES` (``reason="alarm_first"``). An alarm therefore waits
+behind at most that much image data: its latency is bounded by the link, not by the image rate.
 
 Threads: ``publish_*`` are thread-safe and never wait for the network (``publish_alarm`` waits for
 one sqlite fsync). ``on_command`` runs in the link's own command thread, one command at a time in
@@ -42,7 +52,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from prometheus_client import CollectorRegistry
 
-from agent.commands import Command
+from agent.commands import Command, CommandAuth
 from agent.mqtt.commands import CommandQueue
 from agent.mqtt.config import MqttConfig
 from agent.mqtt.publishers import Publishers
@@ -69,14 +79,16 @@ class MqttLink(Publishers, Supervisor):
         registry: Prometheus registry for the link's metrics; None = a private one.
 
     Raises:
-        BrokerError: ``password_env`` names an unset variable, or a TLS file cannot be loaded.
+        BrokerError: ``password_env`` or ``command_secret_env`` names an unset variable, or a TLS file
+            cannot be loaded.
         agent.outbox.OutboxError: ``outbox_dir`` is not writable or used by another agent.
         ValueError: ``agent_id`` is empty.
 
     Metrics: ``fod_mqtt_connected``, ``fod_mqtt_reconnects_total``,
     ``fod_mqtt_messages_published_total{kind}`` (alarms counted on acknowledgement),
     ``fod_mqtt_messages_dropped_total{kind,reason}``, ``fod_mqtt_commands_total{result}``,
-    ``fod_alarm_outbox_depth``, ``fod_alarm_outbox_dropped_total``, ``fod_alarms_total{state}``.
+    ``fod_alarm_outbox_depth``, ``fod_alarm_outbox_dropped_total``, ``fod_alarm_outbox_dead_letter_total``,
+    ``fod_alarms_total{state}``.
     """
 
     def __init__(
@@ -111,17 +123,30 @@ class MqttLink(Publishers, Supervisor):
         self._states: dict[str, CameraStatePayload] = {}
         self._backend: str | None = None
         self._model: str | None = None
+        self._health: tuple[bool | None, tuple[str, ...]] = (None, ())
         self._result_counts: dict[tuple[str, str], int] = {}
         self._image_last: dict[tuple[str, str], float] = {}
         self._sessions = 0
+        self._backlog_lock = threading.Lock()  # never held while calling paho
+        self._backlog: dict[int, int] = {}
+        self._backlog_bytes = 0
+        self._backlog_early: set[int] = set()
 
         self._init_metrics(registry)
+        secret = config.command_secret()
         self._commands = CommandQueue(
-            self.root, on_command=on_command, respond=self._respond, counter=self._m_commands
+            self.root,
+            on_command=on_command,
+            respond=self._respond,
+            counter=self._m_commands,
+            auth=CommandAuth(secret, max_age_s=config.command_max_age_s) if secret is not None else None,
         )
 
         self._outbox = Outbox(
-            outbox_dir(config.outbox_dir), max_messages=config.outbox_max_messages, on_drop=self._on_outbox_drop
+            outbox_dir(config.outbox_dir),
+            max_messages=config.outbox_max_messages,
+            on_drop=self._on_outbox_drop,
+            on_dead_letter=self._on_dead_letter,
         )
         self._m_depth.set(len(self._outbox))
         self._earlier_run_seq = self._outbox.last_seq
@@ -205,6 +230,11 @@ class MqttLink(Publishers, Supervisor):
     ) -> None:
         """Close the link (stop, then close the outbox)."""
         self.close()
+
+    @property
+    def outbox_epoch(self) -> str:
+        """Identity of the outbox database (``alarm_epoch`` of the alarms it numbers)."""
+        return self._outbox.epoch
 
     @property
     def outbox_depth(self) -> int:

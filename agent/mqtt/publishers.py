@@ -107,7 +107,8 @@ class Publishers(LinkState):
     def publish_alarm(self, camera: str, alarm: AlarmPayload) -> AlarmPayload:
         """Store an alarm in the on-disk outbox, then deliver it in order (QoS ``qos_alarm``, retained).
 
-        The outbox assigns ``alarm_seq`` (any value in ``alarm`` is replaced). The alarm is durable
+        The outbox assigns ``alarm_seq``, ``alarm_epoch`` and ``alarm_id`` and the link sets
+        ``agent_id`` (any value in ``alarm`` is replaced). The alarm is durable
         when this returns (one fsync); it is delivered as soon as the broker is reachable, after
         every earlier alarm, and never dropped unless the outbox overflows (see :mod:`agent.outbox`).
 
@@ -126,7 +127,14 @@ class Publishers(LinkState):
         stored: list[AlarmPayload] = []
 
         def make(seq: int) -> bytes:
-            stored.append(alarm.model_copy(update={"alarm_seq": seq}))
+            epoch = self._outbox.epoch
+            identity = {
+                "alarm_seq": seq,
+                "agent_id": self.agent_id,
+                "alarm_epoch": epoch,
+                "alarm_id": f"{self.agent_id}/{epoch}/{seq}",
+            }
+            stored.append(alarm.model_copy(update=identity))
             return stored[-1].to_json()
 
         self._outbox.add(f"{self.root}/{camera}/alarm", make)
@@ -134,6 +142,21 @@ class Publishers(LinkState):
         self._m_depth.set(len(self._outbox))
         self._wake.set()
         return stored[-1]
+
+    def set_health(self, healthy: bool, problems: list[str]) -> None:
+        """Set the health carried by the ``online`` status; republishes it when it changed.
+
+        Args:
+            healthy: Derived health (see :meth:`agent.pipeline.Agent.health`).
+            problems: Reasons when unhealthy.
+        """
+        new = (healthy, tuple(problems))
+        with self._lock:
+            if new == self._health:
+                return
+            self._health = new
+            if self._client is not None:
+                self._publish_status(self._client, "online")
 
     def image_wanted(self, camera: str, kind: ImageKind, verdict: Verdict) -> bool:
         """Whether :meth:`publish_image` would publish now (check before encoding a PNG/JPEG).
@@ -236,4 +259,7 @@ class Publishers(LinkState):
 
     def _on_outbox_drop(self, entry: OutboxEntry) -> None:
         self._m_outbox_dropped.inc()
+
+    def _on_dead_letter(self, seq: int, reason: str) -> None:
+        self._m_dead_letter.inc()
 

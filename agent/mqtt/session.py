@@ -5,7 +5,10 @@ republishes status and camera states on every connection and delivers the alarm 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import socket
 import threading
 import time
 from typing import Any
@@ -19,6 +22,10 @@ log = logging.getLogger("agent.mqtt")
 
 ALARM_WINDOW = 20
 """Most alarms handed to the connection and not yet acknowledged."""
+SEND_BUFFER_BYTES = 16 * 1024
+"""SO_SNDBUF of the broker socket (Linux doubles it). The default autotunes up to megabytes, all of which
+an alarm would wait behind on a slow uplink; results and images beyond it are bounded by the link's
+backlog rule (:data:`agent.mqtt.base.BACKLOG_LIMIT_BYTES`)."""
 CONNECT_TIMEOUT_S = 5.0
 """TCP/TLS connect and CONNACK wait per attempt (s)."""
 
@@ -93,6 +100,7 @@ class Supervisor(LinkState):
             self._wake.set()
 
         def on_publish(c: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+            self._sent(mid)
             self._wake.set()
 
         def on_message(c: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
@@ -116,6 +124,10 @@ class Supervisor(LinkState):
                 client.connect(self.config.host, self.config.port, keepalive=self.config.keepalive_s)
         except (OSError, ValueError) as exc:
             return f"{type(exc).__name__}: {exc}"
+        sock = client.socket()
+        if isinstance(sock, socket.socket):  # a small kernel send queue: alarms never wait behind megabytes
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         client.loop_start()
         if not session.connack.wait(CONNECT_TIMEOUT_S) or session.reason is None:
             return f"no CONNACK within {CONNECT_TIMEOUT_S} s"
@@ -186,7 +198,8 @@ class Supervisor(LinkState):
             self._broker_max_packet = session.max_packet
             if session.max_packet:
                 log.info("broker maximum packet size: %d bytes", session.max_packet)
-            client.subscribe(self.command_filter, qos=1)
+            if self.config.commands:
+                client.subscribe(self.command_filter, qos=1)
             if self._sessions == 1:
                 self._clear_retained(client)  # what a previous run (or its last will) left is not true now
             self._publish_status(client, "online")
@@ -227,9 +240,14 @@ class Supervisor(LinkState):
             if free > 0:
                 for entry in self._outbox.peek(after_seq=last_seq, limit=free):
                     retain = entry.seq > self._earlier_run_seq  # an earlier run's alarm is history, not state
-                    info = client.publish(entry.topic, entry.payload, qos=self.config.qos_alarm, retain=retain)
-                    inflight.append((entry.seq, info))
                     last_seq = entry.seq
+                    try:
+                        json.loads(entry.payload)
+                        info = client.publish(entry.topic, entry.payload, qos=self.config.qos_alarm, retain=retain)
+                    except ValueError as exc:  # not JSON, or a topic / size paho refuses: never sendable
+                        self._outbox.dead_letter(entry.seq, f"cannot be sent: {exc}")
+                        continue
+                    inflight.append((entry.seq, info))
                     if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                         break
             self._wake.wait(0.05 if self._stopping.is_set() else 0.5)
@@ -239,6 +257,7 @@ class Supervisor(LinkState):
         return 0.5
 
     def _end_session(self, client: mqtt.Client, graceful: bool) -> None:
+        self._reset_backlog()
         with self._lock:
             self._client = None
             self.connected.clear()

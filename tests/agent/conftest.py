@@ -29,6 +29,15 @@ from paho.mqtt.enums import CallbackAPIVersion
 from fod_tools.demo.broker import MosquittoProcess
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+COMMAND_SECRET_ENV = "FOD_TEST_COMMAND_SECRET"
+COMMAND_SECRET = "test-secret-0123456789abcdef"
+
+
+@pytest.fixture(autouse=True)
+def command_secret(monkeypatch: pytest.MonkeyPatch) -> str:
+    """The shared command secret, in the environment variable the test configs name."""
+    monkeypatch.setenv(COMMAND_SECRET_ENV, COMMAND_SECRET)
+    return COMMAND_SECRET
 
 
 class Mosquitto(MosquittoProcess):

@@ -96,3 +96,24 @@ def test_bad_model_paths(tmp_path: Path, name: str) -> None:
 def test_missing_precision_variant_names_the_fix(toy_package: Path) -> None:
     with pytest.raises(BackendError, match="fod quantize"):
         load_model(ModelConfig(path=toy_package, precision="int8", backend="onnxruntime", threshold=0.5))
+
+
+def test_oversized_model_input_is_refused_before_allocation(tmp_path, toy_package, capsys):
+    """Issue 14 item 10: a manifest claiming a 20000 px input is refused by load and --check-config."""
+    import shutil
+
+    from agent.backends import load_model
+    from agent.cli import main
+    from agent.config import ModelConfig
+    from agent.errors import ConfigError
+    from fod.package import ModelPackage
+
+    dest = tmp_path / "huge"
+    shutil.copytree(toy_package, dest)
+    package = ModelPackage(dest)
+    package.manifest.image_size = (20000, 20000)
+    package.save()
+    with pytest.raises(ConfigError, match="max_input_side_px"):
+        load_model(ModelConfig(path=dest, threshold=0.5))
+    assert main(["--model", str(dest), "--threshold", "0.5", "--check-config"]) == 2
+    assert "20000x20000" in capsys.readouterr().err

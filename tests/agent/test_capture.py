@@ -425,3 +425,26 @@ def test_paho_not_connected_race_is_not_an_error(caplog: pytest.LogCaptureFixtur
     PAHO_LOG.error("Client is not connected. Socket: None). Last known Connection State: MQTT_CS_DISCONNECTING")
     PAHO_LOG.error("some other paho error")
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == ["some other paho error"]
+
+
+def test_broken_file_in_a_folder_is_named_once_in_the_log(tmp_path, caplog):
+    """Issue 14 item 12: a file that cannot be decoded is skipped with a warning naming it, once per pass."""
+    import logging
+
+    import cv2
+    import numpy as np
+
+    from agent.capture.sources import FolderSource
+
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((8, 8, 3), np.uint8))
+    (tmp_path / "b.png").write_bytes(b"not a png at all")
+    with caplog.at_level(logging.WARNING, logger="agent.capture"):
+        for _ in range(2):  # a second pass, as --loop does
+            source = FolderSource(tmp_path)
+            assert source.read()[1] is not None
+            assert source.read() == (True, None)
+            assert source.read()[0] is False
+            assert source.read()[0] is False  # reading past the end does not log again
+    lines = [r.getMessage() for r in caplog.records if "b.png" in r.getMessage()]
+    assert len(lines) == 2  # one line per pass over the folder, naming the file
+    assert all(line.startswith("skipped: ") for line in lines)

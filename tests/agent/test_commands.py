@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from agent.commands import (
     COMMANDS,
+    CommandAuth,
     CommandError,
     Pause,
     ReloadModel,
@@ -13,6 +16,7 @@ from agent.commands import (
     SetThreshold,
     Snapshot,
     parse_command,
+    sign_command,
 )
 
 
@@ -67,3 +71,32 @@ def test_error_keeps_request_id_when_readable():
         parse_command("set_threshold", b'{"camera": "cam0", "threshold": -1, "request_id": "abc"}')
     assert info.value.request_id == "abc"
     assert "example" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"camera": "cam0", "threshold": "1.5"}',  # a string is not a number
+        b'{"camera": "cam0", "threshold": true}',  # nor is a boolean
+        b'{"camera": "cam0", "threshold": 0}',  # zero
+        b'{"camera": "cam0", "threshold": 1e999}',  # inf after JSON parsing
+        b'{"camera": 7, "threshold": 1.0}',  # camera must be a string
+    ],
+)
+def test_threshold_commands_need_finite_positive_numbers_of_the_right_type(payload):
+    with pytest.raises(CommandError):
+        parse_command("set_threshold", payload)
+
+
+def test_signed_commands_verify_once_and_expire():
+    auth = CommandAuth("0123456789abcdef", max_age_s=30)
+    signed = sign_command("pause", {"request_id": "a"}, "0123456789abcdef", now=1000.0, nonce="nonce-001")
+    body = json.dumps(signed).encode()
+    assert auth.check("pause", signed, now=1010.0) == {"request_id": "a"}
+    with pytest.raises(CommandError, match="nonce already used"):
+        auth.check("pause", signed, now=1011.0)
+    with pytest.raises(CommandError, match="stale"):
+        auth.check("pause", sign_command("pause", {}, "0123456789abcdef", now=1000.0), now=1031.0)
+    with pytest.raises(CommandError, match="authentication failed"):
+        auth.check("resume", json.loads(body), now=1010.0)  # signed for another command
+    assert parse_command("pause", json.dumps(sign_command("pause", {}, "0123456789abcdef")).encode(), auth=auth)

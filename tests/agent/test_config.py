@@ -153,6 +153,61 @@ def test_docs_config_md_is_up_to_date() -> None:
     assert "`mqtt.topic_root`" in actual
 
 
+# ---------------------------------------------------------------- issue 14 item 11: what the run rejects, check rejects
+@pytest.mark.parametrize(
+    ("toml", "key"),
+    [
+        ("[model]\nthreshold = inf\n", "model.threshold"),  # inf passed before and never alarmed
+        ("[model]\nthreshold = nan\n", "model.threshold"),
+        ("[model]\nthreshold = 0.0\n", "model.threshold"),
+        ("[model]\nthreshold = -1.0\n", "model.threshold"),
+        ("[decision]\nhysteresis = nan\n", "decision.hysteresis"),
+        ("[mqtt]\nreconnect_max_s = 1e10\n", "mqtt.reconnect_max_s"),  # overflowed Event.wait and killed the thread
+        ("[[cameras]]\nreconnect_max_s = 1e10\n", "cameras.0.reconnect_max_s"),
+        ("[[cameras]]\nsource = -1\n", "cameras.0.source"),  # segfaulted in OpenCV
+        ("[pipeline]\nhealth_window_s = inf\n", "pipeline.health_window_s"),
+    ],
+)
+def test_check_config_rejects_values_the_run_would_not_survive(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], toml: str, key: str
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    assert main(["--config", str(path), "--check-config"]) == 2
+    assert key in capsys.readouterr().err
+
+
+def test_negative_camera_flag_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--camera", "-1", "--check-config"]) == 2
+    assert "negative" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field", ["image_threshold", "norm_max"])
+def test_check_config_reads_the_package_calibration(
+    tmp_path: Path, toy_package: Path, capsys: pytest.CaptureFixture[str], field: str
+) -> None:
+    from fod.package import ModelPackage
+    from tests.toy_package import calibrated_copy
+
+    pkg = calibrated_copy(toy_package, tmp_path / "pkg")
+    package = ModelPackage(pkg)
+    assert package.manifest.calibration is not None
+    package.manifest.calibration = package.manifest.calibration.model_copy(update={field: float("nan")})
+    package.save()
+    assert main(["--model", str(pkg), "--check-config"]) == 2
+    err = capsys.readouterr().err
+    assert f"calibration.{field}" in err
+    assert "fod calibrate" in err
+    good = calibrated_copy(toy_package, tmp_path / "good")
+    assert main(["--model", str(good), "--check-config"]) == 0
+
+
+def test_plain_broker_flag_does_not_drop_a_tls_section(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "tls.toml"
+    path.write_text("[mqtt.tls]\n")
+    assert main(["--config", str(path), "--broker", "mqtt://broker:1883", "--check-config"]) == 2
+    assert "mqtts://" in capsys.readouterr().err
+    assert main(["--config", str(path), "--broker", "mqtts://broker", "--check-config"]) == 0
 @pytest.mark.parametrize(
     ("environ", "expected"),
     [

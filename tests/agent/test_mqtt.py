@@ -9,6 +9,7 @@ environment and TLS.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -20,12 +21,12 @@ from pathlib import Path
 import paho.mqtt.publish as publish
 import pytest
 
-from agent.commands import CommandError, Pause, SetThreshold
+from agent.commands import CommandError, Pause, SetThreshold, sign_command
 from agent.errors import BrokerError
 from agent.mqtt.config import MqttConfig, MqttTlsConfig, validate_topic_level
 from agent.mqtt.link import MqttLink
 from agent.schemas import AlarmPayload, CameraStatePayload, LatencyMs, ResultPayload
-from tests.agent.conftest import Mosquitto, Subscriber
+from tests.agent.conftest import COMMAND_SECRET, COMMAND_SECRET_ENV, Mosquitto, Subscriber
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -53,6 +54,8 @@ def make_link(tmp_path, topic_root):
             reconnect_max_s=0.2,
             keepalive_s=5,
             outbox_dir=outbox or tmp_path / f"outbox-{len(links)}",
+            commands=True,
+            command_secret_env=COMMAND_SECRET_ENV,
         )
         fields.update(cfg)
         link = MqttLink(MqttConfig.model_validate(fields), agent_id=agent_id, on_command=on_command)
@@ -436,7 +439,15 @@ class Recorder:
         return {"applied": type(cmd).__name__}
 
 
-def send(broker: Mosquitto, topic: str, payload: bytes, retain: bool = False) -> None:
+def send(broker: Mosquitto, topic: str, payload: bytes, retain: bool = False, *, sign: bool = True) -> None:
+    """Publish a command, signed with the test secret when the payload is a JSON object (or empty)."""
+    if sign:
+        try:
+            data = json.loads(payload or b"{}")
+        except ValueError:
+            data = None
+        if isinstance(data, dict):
+            payload = json.dumps(sign_command(topic.rsplit("/", 1)[-1], data, COMMAND_SECRET)).encode()
     publish.single(topic, payload, qos=1, retain=retain, hostname=broker.host, port=broker.port)
 
 
@@ -696,3 +707,129 @@ def test_tls_connection_with_ca_file(tmp_path, tls_files, make_link, topic_root)
         assert not untrusted.connected.wait(0.5)
     finally:
         broker.stop(kill=True)
+
+
+# --- issue 14 item 7: commands off unless configured, authenticated, never replayed
+
+
+def test_commands_are_off_unless_configured(mosquitto, subscriber, topic_root, make_link):
+    rec = Recorder()
+    sub = subscriber(mosquitto, f"{topic_root}/#")
+    link = make_link(mosquitto, on_command=rec, commands=False, command_secret_env=None)
+    link.start()
+    assert link.connected.wait(5)
+    sub.wait_for(f"{topic_root}/status", 1)
+    send(mosquitto, f"{topic_root}/cmd/pause", b"{}")
+    with pytest.raises(AssertionError, match="expected 1 message"):
+        sub.wait_for(f"{topic_root}/cmd/response", 1, timeout_s=1.0)  # the agent did not even subscribe
+    assert rec.commands == []
+
+
+def test_commands_on_need_a_secret():
+    with pytest.raises(ValueError, match="command_secret_env"):
+        MqttConfig(commands=True)
+
+
+def test_commands_on_refuse_a_short_or_unset_secret(tmp_path, monkeypatch):
+    monkeypatch.setenv(COMMAND_SECRET_ENV, "short")
+    with pytest.raises(BrokerError, match=COMMAND_SECRET_ENV):
+        MqttLink(
+            MqttConfig(commands=True, command_secret_env=COMMAND_SECRET_ENV, outbox_dir=tmp_path), agent_id="a"
+        )
+
+
+@pytest.mark.parametrize(
+    ("payload", "needle"),
+    [
+        (b'{"request_id": "u"}', "not authenticated"),  # unsigned: anyone on the broker
+        (json.dumps(sign_command("pause", {"request_id": "u"}, "another-secret-0123456789")).encode(), "failed"),
+        (
+            json.dumps(sign_command("pause", {"request_id": "u"}, COMMAND_SECRET, now=time.time() - 3600)).encode(),
+            "stale",
+        ),  # replayed from an old capture
+        (
+            json.dumps(
+                {**sign_command("pause", {"request_id": "u"}, COMMAND_SECRET), "request_id": "altered"}
+            ).encode(),
+            "failed",
+        ),  # payload altered after signing
+        (b"", "not authenticated"),  # the empty message that clears a retained command
+    ],
+)
+def test_unauthenticated_commands_are_refused(mosquitto, subscriber, topic_root, make_link, payload, needle):
+    rec = Recorder()
+    sub = subscriber(mosquitto, f"{topic_root}/#")
+    link = make_link(mosquitto, on_command=rec)
+    link.start()
+    assert link.connected.wait(5)
+    sub.wait_for(f"{topic_root}/status", 1)
+    send(mosquitto, f"{topic_root}/cmd/pause", payload, sign=False)
+    resp = sub.wait_for(f"{topic_root}/cmd/response", 1)[0].json()
+    assert resp["ok"] is False
+    assert needle in resp["error"]
+    assert rec.commands == []
+
+
+def test_a_retained_command_acts_once_even_when_cleared_and_resubscribed(
+    mosquitto, subscriber, topic_root, make_link
+):
+    rec = Recorder()
+    sub = subscriber(mosquitto, f"{topic_root}/#")
+    link = make_link(mosquitto, on_command=rec)
+    link.start()
+    assert link.connected.wait(5)
+    sub.wait_for(f"{topic_root}/status", 1)
+    body = json.dumps(sign_command("pause", {"request_id": "once"}, COMMAND_SECRET)).encode()
+    send(mosquitto, f"{topic_root}/cmd/pause", body, retain=True, sign=False)  # arrives live: runs once
+    assert sub.wait_for(f"{topic_root}/cmd/response", 1)[0].json()["ok"] is True
+    send(mosquitto, f"{topic_root}/cmd/pause", body, sign=False)  # replayed live: same nonce
+    replay = sub.wait_for(f"{topic_root}/cmd/response", 2)[-1].json()
+    assert replay["ok"] is False
+    assert "nonce" in replay["error"]
+    send(mosquitto, f"{topic_root}/cmd/pause", b"", retain=True, sign=False)  # cleared as the docs say
+    cleared = sub.wait_for(f"{topic_root}/cmd/response", 3)[-1].json()
+    assert cleared["ok"] is False
+    assert rec.commands == [Pause(request_id="once")]
+
+
+# --- issue 14 item 5: alarms first
+
+
+def test_results_and_images_yield_to_an_unacknowledged_alarm(mosquitto, subscriber, topic_root, make_link):
+    """A broker that stops reading (SIGSTOP: TCP stays up, buffers fill, no PUBACK) is a saturated uplink."""
+    import os
+    import signal
+    import socket
+
+    from agent.mqtt.base import ALARM_FIRST_BYTES, BACKLOG_LIMIT_BYTES
+
+    sub = subscriber(mosquitto, f"{topic_root}/#")
+    link = make_link(mosquitto, images="all", image_min_interval_s=0.0, keepalive_s=60)
+    link.start()
+    assert link.connected.wait(5)
+    sub.wait_for(f"{topic_root}/status", 1)
+    assert link._client is not None
+    link._client.socket().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32 * 1024)  # a thin uplink
+    assert link.publish_result("cam0", result(0))  # nothing waits: sent
+    pid = mosquitto.proc.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        image = b"\xff" * 500_000
+        sent = [link.publish_image("cam0", "overlay", image) for _ in range(100)]  # 50 MB into a stopped broker
+        backlog = metric(link, "fod_mqtt_messages_dropped_total", kind="overlay", reason="backlog")
+        assert backlog == sent.count(False) > 0  # images gave way instead of queuing without bound
+        assert link._backlog_bytes <= BACKLOG_LIMIT_BYTES + len(image)
+        link.publish_alarm("cam0", alarm(1))  # waits behind at most that bounded backlog
+        results = [link.publish_result("cam0", result(i)) for i in range(1, 51)]
+        dropped = metric(link, "fod_mqtt_messages_dropped_total", kind="result", reason="backlog")
+        dropped += metric(link, "fod_mqtt_messages_dropped_total", kind="result", reason="alarm_first")
+        assert dropped == results.count(False) > 0  # results give way while the alarm waits
+        assert link._backlog_bytes <= BACKLOG_LIMIT_BYTES + len(image) + ALARM_FIRST_BYTES
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert sub.wait_for(f"{topic_root}/cam0/alarm", 1, timeout_s=60)[0].json()["alarm_seq"] == 1
+    deadline = time.monotonic() + 60
+    while link.outbox_depth and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert link.publish_result("cam0", result(51))  # the alarm is through: results flow again
+    assert sub.wait_until(f"{topic_root}/cam0/result", lambda ms: any(m.json()["seq"] == 51 for m in ms), 60)

@@ -20,11 +20,12 @@ import pytest
 
 from agent.backends import LoadedModel, effective_calibration
 from agent.capture import Frame
+from agent.commands import sign_command
 from agent.config import AgentConfig, ModelConfig, load_config
 from agent.pipeline import Agent, RoiScore, ScoredFrame
 from fod.package import ModelPackage
 from fod.runner import Runner
-from tests.agent.conftest import Mosquitto, Subscriber
+from tests.agent.conftest import COMMAND_SECRET, COMMAND_SECRET_ENV, Mosquitto, Subscriber
 from tests.conftest import free_port
 
 GREY = 128
@@ -320,7 +321,8 @@ def test_newest_frame_policy_with_a_slow_model(
 
 
 def publish_command(broker: Mosquitto, topic_root: str, name: str, payload: dict[str, Any]) -> None:
-    mqtt_publish.single(f"{topic_root}/cmd/{name}", json.dumps(payload), hostname=broker.host, port=broker.port)
+    body = json.dumps(sign_command(name, payload, COMMAND_SECRET))
+    mqtt_publish.single(f"{topic_root}/cmd/{name}", body, hostname=broker.host, port=broker.port)
 
 
 def response(sub: Subscriber, topic_root: str, request_id: str) -> dict[str, Any]:
@@ -345,7 +347,15 @@ def test_commands_change_the_running_agent(
         topic_root,
         toy_package,
         tmp_path / "imgs",
-        **{"exit_at_end": False, "cameras.0.loop": True, "cameras.0.fps": 50.0, "snapshots.enabled": False},
+        **{
+            "exit_at_end": False,
+            "cameras.0.loop": True,
+            "cameras.0.fps": 50.0,
+            "snapshots.enabled": False,
+            "mqtt.commands": True,
+            "mqtt.command_secret_env": COMMAND_SECRET_ENV,
+            "model.reload_dir": str(toy_package),
+        },
     )
     run = running(Agent(config))
     agent = run.agent
@@ -390,7 +400,9 @@ def test_commands_change_the_running_agent(
     assert agent.metrics.value("fod_frames_scored_total") > scored
 
     # reload from a bad path is refused and the model keeps running; a good one resets the thresholds
-    publish_command(mosquitto, topic_root, "reload_model", {"path": str(tmp_path / "nope"), "request_id": "r1"})
+    publish_command(
+        mosquitto, topic_root, "reload_model", {"path": str(toy_package / "nope"), "request_id": "r1"}
+    )
     reply = response(sub, topic_root, "r1")
     assert reply["ok"] is False
     assert "not found" in reply["error"]
@@ -400,6 +412,18 @@ def test_commands_change_the_running_agent(
     reply = response(sub, topic_root, "r2")
     assert reply["ok"] is True
     assert reply["result"]["backend"] == "onnxruntime"
+    assert agent.cameras["cam0"].thresholds == {"full": 0.5}
+
+    # a folder outside model.reload_dir is never loaded
+    publish_command(mosquitto, topic_root, "reload_model", {"path": str(tmp_path), "request_id": "r3"})
+    reply = response(sub, topic_root, "r3")
+    assert reply["ok"] is False
+    assert "outside model.reload_dir" in reply["error"]
+    # a threshold that would switch detection off is refused
+    publish_command(mosquitto, topic_root, "set_threshold", {"camera": "cam0", "threshold": 1e308, "request_id": "t3"})
+    reply = response(sub, topic_root, "t3")
+    assert reply["ok"] is False
+    assert "above" in reply["error"]
     assert agent.cameras["cam0"].thresholds == {"full": 0.5}
     run.stop()
 
