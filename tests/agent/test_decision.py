@@ -132,3 +132,13 @@ def test_summary_line_says_why_no_alarm() -> None:
     assert "debounce 2/3 held back 2 NG frame(s)" in line
     assert "--debounce 1/1" in line
     assert "held back" not in summary_line("c/r", RoiDecision(DecisionRule(1.0)).tally, DecisionRule(1.0))
+
+
+def test_copy_carries_the_tally_on() -> None:
+    # the pipeline tries each update on a copy and commits the copy: the tally must travel with it
+    decision = RoiDecision(DecisionRule(1.0, n=2, m=3))
+    decision.update(2.0)
+    twin = decision.copy()
+    twin.update(2.0)
+    assert (twin.tally.frames, twin.tally.ng_frames, twin.tally.alarms, twin.tally.held) == (2, 2, 1, 1)
+    assert (decision.tally.frames, decision.tally.alarms) == (1, 0)  # the original is untouched
