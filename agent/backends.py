@@ -225,7 +225,10 @@ def _tensorrt_runner(engine: Path, image_size: tuple[int, int], package_dir: Pat
 
     runner_module = _engine_build("runner")
     if runner_module is None:
-        raise BackendError("engine_build.runner cannot be imported; install fod-agent[tensorrt] on the box")
+        raise BackendError(
+            "engine_build.runner cannot be imported; install the tensorrt extra on the box "
+            "(pip install '.[cpu,tensorrt]' in the fod-agent clone)"
+        )
     runner: Runner = runner_module.TensorRTRunner(engine, image_size, package_dir=package_dir)
     try:
         runner.activate()

@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     mdl.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt"), help="inference backend")
     mdl.add_argument("--precision", choices=("fp32", "fp16", "int8"), help="ONNX variant / engine precision")
     mdl.add_argument("--threshold", type=float, metavar="RAW", help="raw score threshold (overrides calibration)")
+    mdl.add_argument(
+        "--debounce",
+        type=parse_debounce,
+        metavar="N/M",
+        help="an alarm changes state when N of the last M frames agree (default 2/3; 1/1 for one frame per part)",
+    )
     out = p.add_argument_group("outputs")
     out.add_argument("--broker", metavar="URL", help="MQTT broker: mqtt://host:port or mqtts://host:port (TLS)")
     out.add_argument("--agent-id", metavar="ID", help="agent id (status messages, MQTT client id)")
@@ -80,6 +86,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="minimum log level")
     run.add_argument("--demo", action="store_true", help="run the embedded demo (synthetic conveyor, demo model)")
     return p
+
+
+def parse_debounce(text: str) -> tuple[int, int]:
+    """Parse ``--debounce N/M`` into ``(n, m)``.
+
+    Raises:
+        argparse.ArgumentTypeError: not two integers ``1 <= N <= M`` separated by ``/`` (argparse
+            turns it into a usage error, exit 2).
+    """
+    n_text, sep, m_text = text.partition("/")
+    try:
+        n, m = int(n_text), int(m_text)
+    except ValueError:
+        n = m = 0
+    if not sep or not 1 <= n <= m:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give N/M with 1 <= N <= M, e.g. 2/3 (2 of the last 3 frames) or 1/1 (every frame)"
+        )
+    return n, m
 
 
 def parse_broker(url: str) -> dict[str, Any]:
@@ -182,6 +207,9 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
             o[key] = value
     if args.no_snapshots:
         o["snapshots.enabled"] = False
+    debounce = getattr(args, "debounce", None)
+    if debounce is not None:
+        o["decision.debounce_n"], o["decision.debounce_m"] = debounce
     return o
 
 
@@ -274,7 +302,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     except (ImportError, AttributeError) as exc:
         print(
             f"fod-agent: error: the demo is not available in this installation ({exc}); "
-            "install the full package (pip install 'fod-agent[demo]') "
+            "install the full package (pip install -e '.[train,demo]' in the fod-agent clone) "
             "or run the agent with --model and --source",
             file=sys.stderr,
         )

@@ -19,6 +19,7 @@ alarm holds its state (that gap is the hysteresis band). The threshold can chang
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -79,8 +80,26 @@ class Transition:
     state: State
 
 
+@dataclass
+class Tally:
+    """What one ROI's decision saw: the numbers of the end-of-run summary.
+
+    Attributes:
+        frames: frames with a finite score.
+        ng_frames: frames whose verdict was NG.
+        alarms: ``OK -> NG`` transitions.
+        held: NG frames after which the alarm stayed OK, because the debounce (``n`` of ``m``) had
+            not collected enough NG frames yet.
+    """
+
+    frames: int = 0
+    ng_frames: int = 0
+    alarms: int = 0
+    held: int = 0
+
+
 class RoiDecision:
-    """Debounced, hysteretic alarm state of one ROI.
+    """Debounced, hysteretic alarm state of one ROI, with a :class:`Tally` of what it decided.
 
     Args:
         rule: the initial :class:`DecisionRule`.
@@ -91,6 +110,7 @@ class RoiDecision:
         self.rule = rule
         self.state: State = state
         self._window: deque[bool] = deque(maxlen=rule.m)
+        self.tally = Tally()
 
     def set_rule(self, rule: DecisionRule) -> None:
         """Replace the rule (new threshold at run time); the window keeps its votes."""
@@ -99,9 +119,10 @@ class RoiDecision:
         self.rule = rule
 
     def copy(self) -> RoiDecision:
-        """An independent copy (state, rule and window), to try an update before committing it."""
+        """An independent copy (state, rule, window and tally), to try an update before committing it."""
         twin = RoiDecision(self.rule, state=self.state)
         twin._window = deque(self._window, maxlen=self.rule.m)
+        twin.tally = dataclasses.replace(self.tally)
         return twin
 
     def update(self, score: float) -> Transition | None:
@@ -114,8 +135,12 @@ class RoiDecision:
             The :class:`Transition` when the alarm changed state on this frame, else None.
         """
         rule = self.rule
+        ng = score >= rule.threshold
+        if math.isfinite(score):
+            self.tally.frames += 1
+            self.tally.ng_frames += ng
         if self.state == "OK":
-            vote = score >= rule.threshold
+            vote = ng
         else:
             vote = score < rule.off_threshold
         self._window.append(bool(vote))
@@ -123,5 +148,23 @@ class RoiDecision:
             previous = self.state
             self.state = "NG" if previous == "OK" else "OK"
             self._window.clear()
+            self.tally.alarms += self.state == "NG"
             return Transition(previous=previous, state=self.state)
+        if ng and self.state == "OK":
+            self.tally.held += 1
         return None
+
+
+def summary_line(name: str, tally: Tally, rule: DecisionRule) -> str:
+    """One line of the end-of-run summary for the ROI ``name`` (``camera/roi``).
+
+    Says how many frames were scored, how many were NG, how many alarms were raised, and, when
+    the debounce kept NG frames from raising an alarm, how many and which setting to change.
+    """
+    text = f"{name}: {tally.frames} frames, {tally.ng_frames} NG verdicts, {tally.alarms} alarms"
+    if tally.held:
+        text += (
+            f"; debounce {rule.n}/{rule.m} held back {tally.held} NG frame(s) (an alarm needs {rule.n} NG among the "
+            f"last {rule.m} frames; --debounce 1/1 raises one on every NG frame)"
+        )
+    return text

@@ -340,20 +340,89 @@ def _make_handler(app: AgentHttpServer) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+#: the status page polls ``/healthz`` this often (ms) and redraws every camera and ROI from that one reply
+STATUS_REFRESH_MS = 500
+
+_STATUS_CSS = """
+body{font-family:system-ui,sans-serif;margin:1em;background:#fafafa;color:#222}
+h1{font-size:1.4em;margin:.2em 0} .ok{color:#1a7f37} .ng{color:#c01818} .warn{color:#9a6700}
+.cam{display:inline-block;vertical-align:top;margin:.5em 1em .5em 0;padding:.6em;background:#fff;
+ border:1px solid #ddd;border-radius:6px}
+.cam img{display:block;background:#333} table{border-collapse:collapse;margin-top:.4em}
+td,th{padding:.15em .6em;text-align:left;border-bottom:1px solid #eee;font-variant-numeric:tabular-nums}
+.verdict{font-weight:bold;font-size:1.3em} .badge{padding:.05em .5em;border-radius:4px;color:#fff}
+.badge.ok{background:#1a7f37;color:#fff} .badge.ng{background:#c01818;color:#fff}
+.bar{position:relative;width:12em;height:.8em;background:#eee;border-radius:3px}
+.bar span{position:absolute;left:0;top:0;bottom:0;border-radius:3px}
+.bar i{position:absolute;left:50%;top:-2px;bottom:-2px;border-left:2px solid #222}
+#alarms li{font-family:monospace} small{color:#666}
+"""
+
+_STATUS_JS = """
+const REFRESH_MS = %(refresh)d;
+function esc(v){return String(v).replace(/[&<>"']/g,c=>({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;',"'":'&#39;'}[c]));}
+function num(v,d){return (typeof v==='number'&&isFinite(v))?v.toPrecision(d||4):'-';}
+function roiRow(cam,roi,last,thr,tally){
+  const v=last.verdict||'-', a=last.alarm||'-', n=last.normalized_score;
+  const w=(typeof n==='number')?Math.max(0,Math.min(1,n))*100:0;
+  const t=tally||{};
+  return `<tr data-roi="${esc(roi)}"><td>${esc(roi)}</td>`+
+   `<td class="verdict ${v==='NG'?'ng':'ok'}">${esc(v)}</td>`+
+   `<td>${num(last.score)} / ${num(thr)}<div class="bar"><span style="width:${w}%%;background:${v==='NG'?'#c01818':'#1a7f37'}"></span><i></i></div></td>`+
+   `<td><span class="badge ${a==='NG'?'ng':'ok'}">${esc(a)}</span></td>`+
+   `<td>${t.frames??'-'} / ${t.ng_frames??'-'} / ${t.alarms??'-'}${t.held?` <small>(${t.held} held by debounce)</small>`:''}</td>`+
+   `<td><small>${esc(last.source_frame??'')}</small></td></tr>`;
+}
+function render(h){
+  document.getElementById('health').className=h.healthy?'ok':'ng';
+  document.getElementById('health').textContent=h.healthy?'healthy':'unhealthy';
+  document.getElementById('meta').textContent=`${h.agent_id||''} · model ${h.model||'-'} · backend ${h.backend||'-'} · MQTT ${h.mqtt_connected?'connected':'not connected'}${h.paused?' · PAUSED':''}`;
+  for(const [cam,c] of Object.entries(h.cameras||{})){
+    const box=document.querySelector(`.cam[data-camera="${CSS.escape(cam)}"]`); if(!box) continue;
+    box.querySelector('.state').innerHTML=`<span class="${c.healthy?'ok':'ng'}">${esc(c.state)}</span> · ${num(c.fps,3)} frames/s · dropped ${c.frames_dropped} · last frame ${num(c.last_frame_age_s,2)} s ago${c.error?` · <span class="ng">${esc(c.error)}</span>`:''}`;
+    const rois=Object.keys(Object.assign({},c.thresholds||{},c.last||{}));
+    box.querySelector('tbody').innerHTML=rois.map(r=>roiRow(cam,r,(c.last||{})[r]||{},(c.thresholds||{})[r],(c.tally||{})[r])).join('');
+  }
+  const al=h.recent_alarms||[];
+  document.getElementById('alarms').innerHTML=al.length?al.map(a=>`<li><span class="${a.state==='NG'?'ng':'ok'}">${esc(a.previous)} → ${esc(a.state)}</span> ${esc(a.ts)} ${esc(a.camera)}/${esc(a.roi)} score ${num(a.score)} (threshold ${num(a.threshold)}) frame ${esc(a.source_frame??'')}</li>`).join(''):'<li><small>none yet</small></li>';
+  const notes=Object.entries(h.notes||{});
+  document.getElementById('notes').innerHTML=notes.map(([k,v])=>`<li><b>${esc(k)}</b>: ${esc(v)}</li>`).join('');
+  document.getElementById('updated').textContent=new Date().toLocaleTimeString();
+}
+async function tick(){
+  try{ const r=await fetch('/healthz',{cache:'no-store'}); render(await r.json()); }
+  catch(e){ document.getElementById('health').className='warn'; document.getElementById('health').textContent='no reply'; }
+  setTimeout(tick,REFRESH_MS);
+}
+tick();
+"""  # noqa: E501 - JavaScript kept on long lines
+
+
 def _status_page(app: AgentHttpServer) -> str:
-    healthy, details = app.health()
-    colour = "#2a2" if healthy else "#c22"
-    previews = "".join(
-        f"<figure><figcaption>{html.escape(c)}</figcaption>"
-        f'<img src="/preview.mjpg?camera={html.escape(c)}" width="{app.config.preview_width_px}"></figure>'
+    """The status page: per camera the live preview, its frames/s and, per ROI, the run's tally.
+
+    Per ROI: verdict, score against threshold, alarm state, frames / NG verdicts / alarms; below,
+    the recent alarm transitions.
+
+    The page polls ``/healthz`` every :data:`STATUS_REFRESH_MS` ms and redraws everything from that
+    one reply, so verdict, score, alarm and frames/s always belong together; the image beside them is
+    the live MJPEG preview.
+    """
+    cams = "".join(
+        f"<div class='cam' data-camera='{html.escape(c, quote=True)}'><h2>{html.escape(c)}</h2>"
+        f'<img src="/preview.mjpg?camera={html.escape(c, quote=True)}" width="{app.config.preview_width_px}" '
+        f'alt="live preview of {html.escape(c, quote=True)}">'
+        "<div class='state'>waiting for the first frame</div>"
+        "<table><thead><tr><th>ROI</th><th>verdict</th><th>score / threshold</th><th>alarm</th>"
+        "<th>frames / NG / alarms</th><th>frame</th></tr></thead><tbody></tbody></table></div>"
         for c in app.cameras
     )
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>fod-agent</title>"
-        "<meta http-equiv='refresh' content='30'>"
-        "<style>body{font-family:sans-serif;margin:1em}pre{background:#f4f4f4;padding:.5em}"
-        "figure{display:inline-block;margin:.5em}</style></head><body>"
-        f"<h1>fod-agent <span style='color:{colour}'>{'healthy' if healthy else 'unhealthy'}</span></h1>"
-        "<p><a href='/metrics'>/metrics</a> · <a href='/healthz'>/healthz</a></p>"
-        f"{previews}<h2>Status</h2><pre>{html.escape(json.dumps(details, indent=2))}</pre></body></html>"
+        f"<style>{_STATUS_CSS}</style></head><body>"
+        "<h1>fod-agent <span id='health'>…</span></h1>"
+        "<p><small><span id='meta'></span> · <a href='/metrics'>/metrics</a> · <a href='/healthz'>/healthz</a>"
+        " · updated <span id='updated'>-</span></small></p>"
+        f"{cams}<ul id='notes'></ul><h2>Recent alarms</h2><ul id='alarms'><li><small>none yet</small></li></ul>"
+        f"<script>{_STATUS_JS % {'refresh': STATUS_REFRESH_MS}}</script></body></html>"
     )

@@ -1,17 +1,21 @@
 """``fod calibrate``: fit the image threshold, normalisation and pixel threshold of a model package.
 
-    fod calibrate --model PKG_DIR --normal DIR [--anomalous DIR] [--target-far 0.001] [--min-images 30]
+    fod calibrate --model PKG_DIR --normal DIR [--anomalous DIR] [--target-far 0.001] [--min-images 5]
 
 ``--normal`` is a folder of held-out good images, or an MVTec-layout root (then ``test/good`` is the
 good set and ``test/<defect>`` the labelled defects; ``train/good`` is never used: the model was fitted
-on it). The FP32 graph is run with ONNX Runtime; the result replaces ``manifest.calibration`` (the
-old values are logged), a report is printed and saved with a score histogram beside the manifest.
+on it). It may also be a ``fod train`` run folder: then the good images are those the run kept out
+of training (``holdout_files`` in its ``train.json``), the path for small data sets. The FP32 graph
+is run with ONNX Runtime; the result replaces ``manifest.calibration`` (the old values are logged),
+a report is printed and saved with a score histogram beside the manifest.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -26,11 +30,14 @@ from calibration.thresholds import (
     DEFAULT_MARGIN_K,
     DEFAULT_PIXEL_QUANTILE,
     MIN_IMAGES_THRESHOLD,
+    SMALL_SAMPLE_MIN,
     evaluate_labelled,
     evaluate_pixels,
     fit_image_threshold,
     fit_pixel_threshold,
+    images_needed,
     leave_one_out_far,
+    min_demonstrable_far,
     normalization_anchors,
 )
 from fod.package import Calibration, ModelPackage
@@ -55,7 +62,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--normal",
         required=True,
         type=Path,
-        help="held-out good images: a folder of images, or an MVTec root (uses test/good and test/<defect>)",
+        help=(
+            "held-out good images: a folder of images, an MVTec root (uses test/good and test/<defect>), or "
+            "the run folder of `fod train` (uses the good images its --holdout kept out of training)"
+        ),
     )
     p.add_argument(
         "--anomalous",
@@ -67,8 +77,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--min-images",
         type=int,
-        default=MIN_IMAGES_THRESHOLD,
-        help=f"refuse fewer good images (default {MIN_IMAGES_THRESHOLD}, which is also the lowest accepted)",
+        default=SMALL_SAMPLE_MIN,
+        help=(
+            f"refuse fewer good images (default and lowest accepted {SMALL_SAMPLE_MIN}); below "
+            f"{MIN_IMAGES_THRESHOLD} the report says how little the sample can show"
+        ),
     )
     p.add_argument(
         "--margin-k",
@@ -87,6 +100,39 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+def run_holdout_images(folder: Path) -> tuple[Path, list[Path]] | None:
+    """The good images a ``fod train`` run kept out of training, when ``folder`` is such a run folder.
+
+    Reads ``train.json``: ``data.root`` (the training image folder) and ``holdout_files`` (names in it).
+
+    Returns:
+        ``(training image folder, held-out image files)``, or None when ``folder`` has no ``train.json``.
+
+    Raises:
+        CalibrationDataError: ``train.json`` lists no held-out images (trained with ``--holdout 0``),
+            or a listed file is missing.
+    """
+    record_path = Path(folder) / "train.json"
+    if not record_path.is_file():
+        return None
+    record = json.loads(record_path.read_text())
+    names = record.get("holdout_files") or []
+    root = Path(str((record.get("data") or {}).get("root", "")))
+    if not names:
+        raise CalibrationDataError(
+            f"{record_path}: the run kept no good images out of training; train again with --holdout 0.3 "
+            "(or pass a folder of other good images to --normal)"
+        )
+    files = [root / name for name in names]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise CalibrationDataError(
+            f"{record_path}: held-out images {missing[:3]} are not there any more (data.root {root}); "
+            "pass the folder of good images to --normal instead"
+        )
+    return root, sorted(files)
+
+
 def run(args: argparse.Namespace) -> int:
     """Calibrate the package; returns the exit code (0).
 
@@ -95,11 +141,10 @@ def run(args: argparse.Namespace) -> int:
         fod.errors.PackageError: not a package, corrupt, or no FP32 model.
         fod.errors.DataError: an unreadable image.
     """
-    if args.min_images < MIN_IMAGES_THRESHOLD:
+    if args.min_images < SMALL_SAMPLE_MIN:
         raise CalibrationDataError(
-            f"--min-images {args.min_images} is below the lowest accepted ({MIN_IMAGES_THRESHOLD}): "
-            f"with fewer "
-            "good images no false-alarm rate below ~10% can be shown"
+            f"--min-images {args.min_images} is below the lowest accepted ({SMALL_SAMPLE_MIN}): with fewer "
+            "good images no false-alarm rate below ~45% can be shown"
         )
     if not 0.0 < args.target_far < 1.0:
         raise CalibrationDataError(f"--target-far {args.target_far} must be in (0, 1), e.g. 0.001")
@@ -107,11 +152,27 @@ def run(args: argparse.Namespace) -> int:
         raise CalibrationDataError(f"--pixel-quantile {args.pixel_quantile} must be in (0, 1), e.g. 0.999")
     pkg = ModelPackage(args.model)
     onnx_path = pkg.onnx_path("fp32")
-    images = resolve_evaluation_set(args.normal, args.anomalous)
+    holdout = run_holdout_images(args.normal)
+    if holdout is not None:
+        images = resolve_evaluation_set(holdout[0], args.anomalous)
+        images = dataclasses.replace(images, good=holdout[1], good_source=args.normal / "train.json")
+    else:
+        images = resolve_evaluation_set(args.normal, args.anomalous)
     if len(images.good) < args.min_images:
         raise CalibrationDataError(
             f"{images.good_source}: {len(images.good)} good images, at least {args.min_images} are needed "
-            "(--min-images); add held-out good images"
+            "(--min-images); add held-out good images, or train with a larger --holdout and pass the run folder"
+        )
+    if len(images.good) < MIN_IMAGES_THRESHOLD:
+        log.warning(
+            "%d held-out good images: a small sample. The threshold is fitted, but with no false alarm among "
+            "%d images the false-alarm rate can only be shown to be below %.0f %% (95 %% bound); a rate of "
+            "%g needs %d images. Expect to adjust the threshold on the line (MQTT set_threshold).",
+            len(images.good),
+            len(images.good),
+            100 * min_demonstrable_far(len(images.good)),
+            args.target_far,
+            images_needed(args.target_far),
         )
     if not images.defects:
         log.warning("no labelled defects: recall and AUROC will not be reported (pass --anomalous DIR)")

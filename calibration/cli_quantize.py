@@ -24,6 +24,7 @@ from calibration.quantize import Int8Settings, compare_latency, convert_fp16, qu
 from calibration.reader import (
     DEFAULT_MAX_CALIB_IMAGES,
     MIN_IMAGES_QUANTIZE,
+    SMALL_QUANTIZE_MIN,
     ImageCalibrationDataReader,
     ImageSet,
     resolve_calibration_images,
@@ -68,8 +69,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--min-images",
         type=int,
-        default=MIN_IMAGES_QUANTIZE,
-        help=f"refuse fewer calibration / validation images (default, and lowest: {MIN_IMAGES_QUANTIZE})",
+        default=SMALL_QUANTIZE_MIN,
+        help=(
+            f"refuse fewer calibration / validation images (default and lowest {SMALL_QUANTIZE_MIN}); below "
+            f"{MIN_IMAGES_QUANTIZE} a warning says the gate rests on a small sample"
+        ),
     )
     p.add_argument(
         "--calibrate-method",
@@ -132,9 +136,9 @@ def run(args: argparse.Namespace) -> int:
         QuantizationError: the quantizer or converter failed.
         fod.errors.PackageError: not a package, corrupt, or no FP32 model.
     """
-    if args.min_images < MIN_IMAGES_QUANTIZE:
+    if args.min_images < SMALL_QUANTIZE_MIN:
         raise CalibrationDataError(
-            f"--min-images {args.min_images} is below the lowest accepted ({MIN_IMAGES_QUANTIZE})"
+            f"--min-images {args.min_images} is below the lowest accepted ({SMALL_QUANTIZE_MIN})"
         )
     pkg = ModelPackage(args.model)
     fp32_path = pkg.onnx_path("fp32")
@@ -151,6 +155,14 @@ def run(args: argparse.Namespace) -> int:
     if n_val < args.min_images:
         raise CalibrationDataError(
             f"{val_source}: {n_val} validation images, at least {args.min_images} are needed for the accuracy gate"
+        )
+    if min(n_val, len(calib_paths)) < MIN_IMAGES_QUANTIZE:
+        log.warning(
+            "%d calibration and %d validation images: a small sample. The variant is gated on it, but a "
+            "correlation or AUROC change measured on so few images is rough; check the variant on the line "
+            "(or with `fod eval`) before you rely on it",
+            len(calib_paths),
+            n_val,
         )
     name = VARIANT_FILES[precision]
     candidate = pkg.root / f"model.{precision}.candidate.onnx"

@@ -29,8 +29,10 @@ from fod.data import GOOD_NAMES, IMAGE_EXTENSIONS, list_images, load_images
 
 log = logging.getLogger(__name__)
 
-#: fewest good images ``fod quantize`` calibrates INT8 activation ranges on
+#: images below which ``fod quantize`` warns that its ranges and accuracy gate rest on a small sample
 MIN_IMAGES_QUANTIZE = 20
+#: fewest calibration / validation images ``fod quantize`` accepts at all
+SMALL_QUANTIZE_MIN = 5
 #: default cap on INT8 calibration images (evenly spaced over the sorted folder)
 DEFAULT_MAX_CALIB_IMAGES = 64
 

@@ -34,8 +34,11 @@ from scipy import stats
 
 from calibration.errors import CalibrationDataError
 
-#: smallest number of good images ``fod calibrate`` accepts (``--min-images`` can raise it)
+#: good images below which ``fod calibrate`` warns that the sample shows little (the threshold still comes)
 MIN_IMAGES_THRESHOLD = 30
+#: smallest number of good images ``fod calibrate`` accepts at all: with fewer, even no false alarm
+#: among them leaves a 95 % upper bound of the false-alarm rate above 45 %
+SMALL_SAMPLE_MIN = 5
 #: confidence level of every FAR bound reported
 CONFIDENCE = 0.95
 #: default margin of the fallback rule, in robust sigmas above the largest good score

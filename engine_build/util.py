@@ -28,9 +28,9 @@ INSTALL_HELP = (
     "  - Jetson (JetPack 6): TensorRT comes with JetPack: `sudo apt install python3-libnvinfer` and pycuda "
     "with `sudo apt install python3-pycuda` or `pip install pycuda` (with /usr/local/cuda/bin on PATH); "
     "create the virtual environment with `--system-site-packages` so that it sees the apt packages.\n"
-    "  - x86 PC with an NVIDIA GPU and driver: `pip install 'fod-agent[tensorrt]'`.\n"
+    "  - x86 PC with an NVIDIA GPU and driver: `pip install '.[cpu,tensorrt]'` in the fod-agent clone.\n"
     "  - No NVIDIA GPU: no engine is needed; the agent runs the package with ONNX Runtime "
-    "(`pip install 'fod-agent[cpu]'`)."
+    "(`pip install '.[cpu]'` in the fod-agent clone)."
 )
 
 

@@ -16,25 +16,36 @@ from typing import Any
 
 from fod import __version__
 
-# subcommand -> module that defines ``add_parser(subparsers)`` and ``run(args) -> int``
-COMMANDS: dict[str, str] = {
-    "train": "fod.train_cli",
-    "eval": "fod.eval_cli",
-    "export": "fod.export_cli",
-    "calibrate": "calibration.cli_calibrate",
-    "quantize": "calibration.cli_quantize",
-    "build": "engine_build.cli",
-    "bench": "fod_tools.bench.models",
+# subcommand -> (module that defines ``add_parser(subparsers)`` and ``run(args) -> int``, one-line help).
+# The help lines are repeated here so that ``fod --help`` lists the commands without importing them
+# (their modules pull in torch, scipy or onnxruntime: seconds on a small machine).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("fod.train_cli", "train a FOD model on good images"),
+    "eval": ("fod.eval_cli", "image/pixel AUROC and PRO on a test split"),
+    "export": ("fod.export_cli", "export a trained model to a model package (ONNX + manifest)"),
+    "calibrate": ("calibration.cli_calibrate", "fit thresholds and score normalisation on held-out good images"),
+    "quantize": ("calibration.cli_quantize", "write an INT8 (Q/DQ) or FP16 variant behind an accuracy gate"),
+    "build": ("engine_build.cli", "compile a model package to a TensorRT engine on this GPU (once per box)"),
+    "bench": ("fod_tools.bench.models", "measure model latency per backend/precision and the end-to-end agent"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Return the top-level parser with every subcommand registered."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Return the top-level parser.
+
+    Args:
+        command: the subcommand whose module is imported and whose full parser is registered; the
+            others get a help-only entry (enough for ``fod --help``). None registers every command in
+            full (slow: imports torch, scipy and onnxruntime).
+    """
     parser = argparse.ArgumentParser(prog="fod", description="FOD anomaly model: train, export, deploy.")
     parser.add_argument("--version", action="version", version=f"fod {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, module_name in COMMANDS.items():
+    for name, (module_name, help_text) in COMMANDS.items():
+        if command is not None and name != command:
+            sub.add_parser(name, help=help_text)
+            continue
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:  # a missing optional dependency disables one command, not all
@@ -45,9 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_of(argv: Sequence[str]) -> str:
+    """The subcommand named in ``argv`` (the first argument that is one), or ``""`` when none is."""
+    for arg in argv:
+        if arg in COMMANDS:
+            return arg
+    return ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fod`` console script; returns the exit code."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_command_of(argv))
     args = parser.parse_args(argv)
     _configure_logging(logging.DEBUG if args.verbose else logging.INFO)
     if getattr(args, "_unavailable", None):

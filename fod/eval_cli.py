@@ -81,7 +81,7 @@ def make_runner(model: Path, *, precision: str = "fp32") -> Runner:
         from fod.torch_runner import TorchRunner
     except ImportError as exc:
         raise CheckpointError(
-            f"{model}: evaluating a training checkpoint needs torch ({exc}); pip install 'fod-agent[train]', "
+            f"{model}: evaluating a training checkpoint needs torch ({exc}); pip install -e '.[train]' in the clone, "
             "or evaluate the exported package instead"
         ) from exc
     if not is_checkpoint_dir(model):

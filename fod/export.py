@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import logging
 import platform
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,11 @@ def export_onnx(model: FODModel, path: str | Path, *, opset: int = DEFAULT_OPSET
     s = model.config.image_size
     dummy = torch.zeros(2, s, s, 3, dtype=torch.uint8)
     model = model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # The in-graph BGR->RGB flip is a Slice with step -1, which the TorchScript exporter cannot
+        # constant-fold and says so three times; the graph is correct and the user can do nothing
+        # about it, so the note is dropped (every other warning still shows).
+        warnings.filterwarnings("ignore", message="Constant folding - Only steps=1", category=UserWarning)
         torch.onnx.export(
             model,
             (dummy,),

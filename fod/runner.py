@@ -126,7 +126,12 @@ class OnnxRuntimeRunner(Runner):
         onnx_path: the ``.onnx`` file (a package's ``model.onnx`` or a variant).
         image_size: ``(height, width)`` of the graph input in px.
         providers: execution providers; None picks :func:`onnxruntime_providers`.
-        intra_op_threads: ONNX Runtime intra-op threads; None lets ORT decide (all cores).
+        intra_op_threads: ONNX Runtime intra-op threads; None lets ORT decide (one per physical core).
+        spin: let ORT's pool threads spin (busy-wait) between operators. Off by default: a spinning
+            pool that shares its cores with another busy process keeps the thread that has the work
+            off the CPU, and every operator waits for a time slice (the same collapse as OpenMP's
+            active wait, see :mod:`fod`). Turn it on only on a box whose cores do nothing else, for
+            a few per cent lower latency.
     """
 
     name = "onnxruntime"
@@ -138,12 +143,14 @@ class OnnxRuntimeRunner(Runner):
         *,
         providers: list[str] | None = None,
         intra_op_threads: int | None = None,
+        spin: bool = False,
     ) -> None:
         super().__init__()
         self.onnx_path = Path(onnx_path)
         self.image_size = tuple(image_size)  # type: ignore[assignment]
         self.providers = providers
         self.intra_op_threads = intra_op_threads
+        self.spin = spin
         self._session: Any = None
 
     @property
@@ -151,16 +158,31 @@ class OnnxRuntimeRunner(Runner):
         """Providers the active session really uses (empty when inactive)."""
         return list(self._session.get_providers()) if self._session is not None else []
 
-    def _activate_impl(self) -> None:
+    def session_options(self) -> Any:
+        """The ``onnxruntime.SessionOptions`` this runner opens its session with.
+
+        Quiet logs, ``intra_op_threads`` when given, and pool spinning per ``spin`` (intra- and
+        inter-op pools alike).
+        """
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
         if self.intra_op_threads:
             options.intra_op_num_threads = self.intra_op_threads
+        spinning = "1" if self.spin else "0"
+        options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+        options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
+        return options
+
+    def _activate_impl(self) -> None:
+        import onnxruntime as ort
+
         try:
             self._session = ort.InferenceSession(
-                str(self.onnx_path), sess_options=options, providers=self.providers or onnxruntime_providers()
+                str(self.onnx_path),
+                sess_options=self.session_options(),
+                providers=self.providers or onnxruntime_providers(),
             )
         except Exception as exc:  # ORT raises its own exception types for bad files
             raise FodError(

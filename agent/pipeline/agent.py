@@ -7,12 +7,14 @@ and commands live in their own modules and are mixed into :class:`Agent`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -22,6 +24,7 @@ from agent.alarms import AlarmStore
 from agent.backends import LoadedModel, load_model
 from agent.capture import CameraStatus, CameraWorker, Frame
 from agent.config import AgentConfig, CameraConfig
+from agent.decision import summary_line
 from agent.errors import AgentError, CameraError
 from agent.http import AgentHttpServer, PreviewHub
 from agent.metrics import AgentMetrics
@@ -40,6 +43,8 @@ from fod.preprocess import crop_box, to_model_input
 
 log = logging.getLogger(__name__)
 
+
+RECENT_ALARMS = 20  # alarm transitions kept for the status page
 
 class Agent(HealthChecks, Decisions, Commands):
     """The running agent: model, cameras, MQTT link, HTTP server, snapshots.
@@ -102,6 +107,10 @@ class Agent(HealthChecks, Decisions, Commands):
         self._io_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="publish")
         self._publish_queue: asyncio.Queue[PublishJob] | None = None
         self._owns_model = model is None
+        #: the last alarm transitions, newest first (status page, ``/healthz``)
+        self.recent_alarms: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_ALARMS)
+        #: extra lines for the status page, ``label -> text`` (the demo's tally against ground truth)
+        self.status_notes: Callable[[], dict[str, str]] | None = None
         self.alarms: AlarmStore | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = False
@@ -249,6 +258,16 @@ class Agent(HealthChecks, Decisions, Commands):
         self._infer_pool.shutdown(wait=True)
         self._io_pool.shutdown(wait=True)
         log.info("agent %s stopped", self.config.agent_id)
+        for line in self.summary_lines():
+            log.info("summary: %s", line)
+
+    def summary_lines(self) -> list[str]:
+        """The run's tally per ``camera/roi``: frames, NG verdicts, alarms, NG frames the debounce held back."""
+        return [
+            summary_line(f"{name}/{roi}", decision.tally, decision.rule)
+            for name, runtime in self.cameras.items()
+            for roi, decision in runtime.decisions.items()
+        ]
 
     def _stop_cameras(self) -> None:
         for runtime in self.cameras.values():

@@ -7,6 +7,7 @@ health ticker on the loop; it only reads state.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from typing import Any
 
@@ -73,6 +74,7 @@ class HealthChecks(AgentState):
                 "error": status.error,
                 "thresholds": dict(runtime.thresholds),
                 "last": dict(runtime.last_scores),
+                "tally": {roi: dataclasses.asdict(d.tally) for roi, d in runtime.decisions.items()},
             }
         if self.alarms is not None:
             problems += self.alarms.problems()
@@ -91,6 +93,8 @@ class HealthChecks(AgentState):
             "mqtt_connected": bool(link is not None and link.connected.is_set()),
             "alarm_outbox_depth": link.outbox_depth if link is not None else None,
             "cameras": cameras,
+            "recent_alarms": list(self.recent_alarms),
+            "notes": self.status_notes() if self.status_notes is not None else {},
         }
 
     def _dead_workers(self) -> list[str]:

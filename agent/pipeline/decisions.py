@@ -188,6 +188,18 @@ class Decisions(Images):
         runtime.committed[roi] = after
         stored = future.result()
         self.metrics.alarm_transitions.labels(name, roi, alarm.state).inc()
+        self.recent_alarms.appendleft(
+            {
+                "ts": alarm.ts,
+                "camera": name,
+                "roi": roi,
+                "previous": alarm.previous,
+                "state": alarm.state,
+                "score": alarm.score,
+                "threshold": alarm.threshold,
+                "source_frame": alarm.source_frame,
+            }
+        )
         log.info(
             "alarm %s/%s: %s -> %s (score %.4g, threshold %.4g, frame %s, alarm_id %s)",
             name,

@@ -7,10 +7,12 @@ health checks, commands) share; :class:`agent.pipeline.agent.Agent` sets it up i
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import logging
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,6 +137,8 @@ class AgentState:
     _stopping: bool
     _store_error_logged: float
     _log_times: dict[tuple[str, str], float]
+    recent_alarms: collections.deque[dict[str, Any]]
+    status_notes: Callable[[], dict[str, str]] | None
 
     def _reset_thresholds(self, runtime: CameraRuntime) -> None:
         if self.model is None:

@@ -3,7 +3,7 @@
 :func:`ensure_broker` is a context manager. When an MQTT broker already answers on ``host:port`` it
 is used as it is. Otherwise an embedded broker is started and stopped on exit:
 
-1. the pure-Python ``amqtt`` broker (``pip install 'fod-agent[demo]'``), in a background thread
+1. the pure-Python ``amqtt`` broker (``pip install -e '.[demo]'`` in the clone), in a background thread
    with its own asyncio event loop, anonymous access, listening on ``host:port`` only;
 2. if ``amqtt`` cannot be imported, ``mosquitto`` (on ``PATH`` or ``/usr/sbin/mosquitto``) as a
    child process with a throw-away configuration;
@@ -164,7 +164,7 @@ def ensure_broker(
             try:
                 import amqtt.broker  # noqa: F401 - only to see whether it is installed
             except ImportError as exc:
-                problems.append(f"amqtt is not installed ({exc}; pip install 'fod-agent[demo]')")
+                problems.append(f"amqtt is not installed ({exc}; pip install -e '.[demo]' in the fod-agent clone)")
                 continue
             with _amqtt_broker(host, port, start_timeout_s=start_timeout_s, quiet=quiet):
                 yield BrokerInfo(host, port, "amqtt")

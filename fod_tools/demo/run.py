@@ -160,6 +160,7 @@ def _run_with_broker(args: argparse.Namespace, pkg: Path, broker: BrokerInfo, st
         preview_url=f"http://{_url_host(config.http.host)}:{config.http.port}/" if config.http.port else None,
         model=str(pkg),
     )
+    agent.status_notes = lambda: {"demo verdicts vs ground truth": view.tally()}  # on the status page
     view.print_header()
     view.start()
     try:
@@ -339,11 +340,26 @@ class DemoView:
             f"  model     {self.model}",
             f"  broker    {self.broker.url} ({kind})",
             f"  preview   {self.preview_url or 'off (--http-port 0)'}",
-            f"  messages  mosquitto_sub -h {self.broker.host} -p {self.broker.port} -v -t 'fod/#'",
+            f"  messages  {self.subscribe_hint()}",
             "  stop      Ctrl-C (or --duration SECONDS)",
             "",
         ]
         print("\n".join(lines), flush=True)
+
+    def subscribe_hint(self) -> str:
+        """The ``mosquitto_sub`` line that shows the agent's JSON messages.
+
+        Only the text topics (status, camera state, results, alarms): the mask (PNG) and overlay
+        (JPEG) topics carry raw image bytes that would garble a terminal.
+        """
+        root = self.topic_root
+        topics = " ".join(f"-t '{root}/{t}'" for t in ("status", "+/state", "+/result", "+/alarm"))
+        return f"mosquitto_sub -h {self.broker.host} -p {self.broker.port} -v {topics}"
+
+    def tally(self) -> str:
+        """The verdicts against the conveyor's ground truth so far, in words (:func:`tally_text`)."""
+        with self._lock:
+            return tally_text(self.stats.agree)
 
     def status_line(self) -> str:
         """One line: elapsed time, frames, rate, last score and verdict, ground truth, alarms."""
@@ -417,6 +433,7 @@ class DemoView:
                 "vs truth",
                 f"NG on defect {a['tp']}, OK on good {a['tn']}, false NG {a['fp']}, missed {a['fn']}",
             )
+            table.add_row("tally", tally_text(a))
             alarm_colour = "red" if stats.alarm_state == "NG" else "green"
             table.add_row("alarm", f"[{alarm_colour}]{stats.alarm_state}[/]  ({stats.alarms_ng} NG alarms)")
             for i, event in enumerate(stats.events):
@@ -441,10 +458,29 @@ class DemoView:
                     f"  verdicts vs ground truth ({judged} frames): NG on defect {a['tp']}, OK on good {a['tn']}, "
                     f"false NG {a['fp']}, missed {a['fn']}"
                 )
+                lines.append(f"  {tally_text(a)}")
         print("\n".join(lines), flush=True)
 
 
 # ---------------------------------------------------------------------- helpers
+def tally_text(agree: dict[str, int]) -> str:
+    """Recall and false-NG rate of the verdicts against the conveyor's ground truth, in words.
+
+    Args:
+        agree: counts ``tp`` (NG on a defective part), ``fn`` (OK on one), ``fp`` (NG on a good
+            part), ``tn`` (OK on one).
+    """
+    defective, good = agree["tp"] + agree["fn"], agree["fp"] + agree["tn"]
+    parts = []
+    if defective:
+        parts.append(f"defective parts NG: {agree['tp']} of {defective} ({100 * agree['tp'] / defective:.1f} %)")
+    else:
+        parts.append("no defective part seen")
+    if good:
+        parts.append(f"good parts NG: {agree['fp']} of {good} ({100 * agree['fp'] / good:.1f} %)")
+    return "; ".join(parts)
+
+
 def _broker_address(url: str | None) -> tuple[str, int]:
     from agent.cli import parse_broker
 

@@ -200,3 +200,25 @@ def test_state_directory_from_systemd_and_nothing_in_the_working_directory(
     assert list(work.iterdir()) == []
     assert (tmp_path / "var-lib" / "outbox").is_dir()
     assert list((tmp_path / "var-lib" / "snapshots" / "cam0").iterdir())
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2/3", (2, 3)),  # the default rule spelled out
+        ("1/1", (1, 1)),  # every frame on its own (trigger cameras, single-image replays)
+    ],
+)
+def test_debounce_flag_sets_both_config_keys(text: str, expected: tuple[int, int]) -> None:
+    from agent.cli import build_parser, overrides_from_args
+
+    overrides = overrides_from_args(build_parser().parse_args(["--debounce", text]))
+    assert (overrides["decision.debounce_n"], overrides["decision.debounce_m"]) == expected
+
+
+@pytest.mark.parametrize("text", ["3/2", "0/1", "2", "a/b", "2/3/4"])
+def test_bad_debounce_is_a_usage_error(text: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--debounce", text, "--check-config"])
+    assert exc.value.code == 2
+    assert "1 <= N <= M" in capsys.readouterr().err

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from agent.decision import DecisionRule, RoiDecision
+from agent.decision import DecisionRule, RoiDecision, summary_line
 
 
 def run(rule: DecisionRule, scores: list[float]) -> str:
@@ -97,3 +97,48 @@ def test_threshold_change_applies_from_next_frame() -> None:
 def test_invalid_rules_are_refused(kwargs: dict[str, float], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         DecisionRule(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("rule", "scores", "expected"),
+    [
+        # 2-of-3, single NG frames: two NG verdicts, both held back, no alarm
+        (DecisionRule(1.0, n=2, m=3), [2.0, 0.0, 0.0, 2.0, 0.0], (5, 2, 0, 2)),
+        # 2-of-3, two NG in a row: the first is held, the second raises the alarm
+        (DecisionRule(1.0, n=2, m=3), [2.0, 2.0, 0.0], (3, 2, 1, 1)),
+        # 1/1: every NG frame raises an alarm, nothing is held
+        (DecisionRule(1.0), [2.0, 0.0, 2.0], (3, 2, 2, 0)),
+        # NaN counts as no frame at all
+        (DecisionRule(1.0), [math.nan, 2.0], (1, 1, 1, 0)),
+    ],
+)
+def test_tally_counts_frames_ng_alarms_and_held(
+    rule: DecisionRule, scores: list[float], expected: tuple[int, int, int, int]
+) -> None:
+    decision = RoiDecision(rule)
+    for score in scores:
+        decision.update(score)
+    t = decision.tally
+    assert (t.frames, t.ng_frames, t.alarms, t.held) == expected
+
+
+def test_summary_line_says_why_no_alarm() -> None:
+    rule = DecisionRule(1.0, n=2, m=3)
+    decision = RoiDecision(rule)
+    for score in (2.0, 0.0, 0.0, 2.0):
+        decision.update(score)
+    line = summary_line("cam0/roi0", decision.tally, rule)
+    assert line.startswith("cam0/roi0: 4 frames, 2 NG verdicts, 0 alarms")
+    assert "debounce 2/3 held back 2 NG frame(s)" in line
+    assert "--debounce 1/1" in line
+    assert "held back" not in summary_line("c/r", RoiDecision(DecisionRule(1.0)).tally, DecisionRule(1.0))
+
+
+def test_copy_carries_the_tally_on() -> None:
+    # the pipeline tries each update on a copy and commits the copy: the tally must travel with it
+    decision = RoiDecision(DecisionRule(1.0, n=2, m=3))
+    decision.update(2.0)
+    twin = decision.copy()
+    twin.update(2.0)
+    assert (twin.tally.frames, twin.tally.ng_frames, twin.tally.alarms, twin.tally.held) == (2, 2, 1, 1)
+    assert (decision.tally.frames, decision.tally.alarms) == (1, 0)  # the original is untouched

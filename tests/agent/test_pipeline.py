@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 import urllib.error
@@ -119,14 +120,24 @@ def payloads(sub: Subscriber, topic: str) -> list[dict[str, Any]]:
 
 
 def test_folder_replay_end_to_end(
-    tmp_path: Path, mosquitto: Mosquitto, topic_root: str, toy_package: Path, subscriber: Callable[..., Subscriber]
+    tmp_path: Path,
+    mosquitto: Mosquitto,
+    topic_root: str,
+    toy_package: Path,
+    subscriber: Callable[..., Subscriber],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # frames 3, 4, 5 carry a defect (toy score 0.75 >= threshold 0.5); debounce 2-of-3
     names = write_folder(tmp_path / "imgs", [0, 0, 0, 96, 96, 96, 0, 0, 0, 0])
     sub = subscriber(mosquitto, f"{topic_root}/#")
     config = make_config(tmp_path, mosquitto, topic_root, toy_package, tmp_path / "imgs")
     agent = Agent(config)
-    assert asyncio.run(agent.run()) == 0
+    with caplog.at_level(logging.INFO, logger="agent.pipeline"):
+        assert asyncio.run(agent.run()) == 0
+    # the end-of-replay summary: frame 3 was NG but held back by the 2-of-3 debounce, frame 4 raised the alarm
+    summary = agent.summary_lines()
+    assert summary[0].startswith("cam0/full: 10 frames, 3 NG verdicts, 1 alarms; debounce 2/3 held back 1 NG frame(s)")
+    assert f"summary: {summary[0]}" in caplog.messages
 
     results = sub.wait_for(f"{topic_root}/cam0/result", 10)
     got = [m.json() for m in results]

@@ -56,17 +56,17 @@ def test_calibrating_twice_replaces_and_says_so(toy_fod_package, mvtec_root, cap
 @pytest.mark.parametrize(
     ("setup", "extra", "message"),
     [
-        ("few", [], "at least 30 are needed"),  # too few good images
+        ("few", [], "at least 5 are needed"),  # too few good images even for a rough threshold
         ("corrupt", [], "cannot decode"),  # an image of the wrong kind
         ("no_fp32", [], "no model.onnx in this package"),  # a package without FP32 model
-        ("none", ["--min-images", "5"], "below the lowest accepted"),  # a minimum below the stated one
+        ("none", ["--min-images", "2"], "below the lowest accepted"),  # a minimum below the stated one
     ],
 )
 def test_calibrate_bad_input_is_a_clear_error(toy_fod_package, mvtec_root, tmp_path, capsys, setup, extra, message):
     normal = tmp_path / "good"
     shutil.copytree(mvtec_root / "test" / "good", normal)
     if setup == "few":
-        for p in sorted(normal.iterdir())[10:]:
+        for p in sorted(normal.iterdir())[3:]:
             p.unlink()
     elif setup == "corrupt":
         (normal / "zzz.png").write_text("not an image")
@@ -128,8 +128,33 @@ def test_failing_gate_writes_nothing_unless_forced(toy_fod_package, mvtec_root, 
 def test_quantize_refuses_a_too_small_calibration_set(toy_fod_package, mvtec_root, tmp_path, capsys):
     calib = tmp_path / "calib"
     calib.mkdir()
-    for p in sorted((mvtec_root / "train" / "good").iterdir())[:5]:
+    for p in sorted((mvtec_root / "train" / "good").iterdir())[:3]:
         shutil.copy(p, calib / p.name)
     code = main(["quantize", "--model", str(toy_fod_package), "--precision", "int8", "--calib", str(calib)])
     assert code == 2
-    assert "at least 20 are needed" in capsys.readouterr().err
+    assert "at least 5 are needed" in capsys.readouterr().err
+
+
+def test_calibrate_on_the_holdout_of_a_training_run(toy_fod_package, mvtec_root, tmp_path, caplog):
+    # a small data set: the run kept 8 of its good images out of training; calibrate on exactly those
+    train_good = mvtec_root / "train" / "good"
+    held = sorted(p.name for p in train_good.iterdir())[:8]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train.json").write_text(json.dumps({"data": {"root": str(train_good)}, "holdout_files": held}))
+    with caplog.at_level(logging.WARNING):
+        code = main(["calibrate", "--model", str(toy_fod_package), "--normal", str(run), "--target-far", "0.01"])
+    assert code == 0
+    calibration = ModelPackage(toy_fod_package).manifest.calibration
+    assert calibration is not None
+    assert calibration.n_normal == 8
+    assert "8 held-out good images: a small sample" in caplog.text
+    assert "below 31 %" in caplog.text  # 1 - 0.05 ** (1 / 8): what 8 images without a false alarm can show
+
+
+def test_calibrate_on_a_run_without_holdout_says_how_to_get_one(toy_fod_package, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train.json").write_text(json.dumps({"data": {"root": str(tmp_path)}, "holdout_files": []}))
+    assert main(["calibrate", "--model", str(toy_fod_package), "--normal", str(run)]) == 2
+    assert "--holdout 0.3" in capsys.readouterr().err

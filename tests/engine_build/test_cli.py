@@ -34,7 +34,7 @@ def test_build_without_tensorrt_exits_2_with_install_help(pkg: Path, capsys: pyt
     err = capsys.readouterr().err
     assert err.startswith("fod build: error: `fod build` cannot run on this machine")
     assert "sudo apt install python3-libnvinfer" in err  # Jetson
-    assert "pip install 'fod-agent[tensorrt]'" in err  # x86
+    assert "pip install '.[cpu,tensorrt]'" in err  # x86
     assert not list(pkg.glob("*.engine*"))
 
 

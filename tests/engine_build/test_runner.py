@@ -33,7 +33,7 @@ def test_unavailable_here_says_why_and_never_raises():
     assert ok is False
     assert "TensorRT" in reason
     assert "python3-libnvinfer" in reason
-    assert "fod-agent[tensorrt]" in reason
+    assert "pip install '.[cpu,tensorrt]'" in reason
 
 
 @pytest.mark.skipif(TRT_PRESENT, reason="TensorRT and a GPU are present")

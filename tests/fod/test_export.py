@@ -121,3 +121,17 @@ def test_export_cli_writes_a_package(tiny_run: Path, tmp_path: Path, capsys: pyt
     # a folder without checkpoint: exit 2, message names the file
     assert main(["export", "--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "q")]) == 2
     assert "checkpoint.pt" in capsys.readouterr().err
+
+
+def test_export_prints_no_constant_folding_warning(tiny_run: Path, tmp_path: Path) -> None:
+    import warnings
+
+    from fod.checkpoint import load_checkpoint
+    from fod.export import export_onnx
+
+    model, _ = load_checkpoint(tiny_run)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_onnx(model, tmp_path / "m.onnx")
+    assert (tmp_path / "m.onnx").is_file()
+    assert not [w for w in caught if "Constant folding" in str(w.message)]

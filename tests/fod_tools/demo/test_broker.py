@@ -97,7 +97,8 @@ def test_falls_back_to_mosquitto_without_amqtt(monkeypatch):
 def test_no_broker_available_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "amqtt.broker", None)
     monkeypatch.setattr(broker_mod, "_find_mosquitto", lambda: None)
-    with pytest.raises(BrokerError, match=r"pip install 'fod-agent\[demo\]'.*apt-get install -y mosquitto"):
+    hint = r"pip install -e '\.\[demo\]' in the fod-agent clone.*apt-get install -y mosquitto"
+    with pytest.raises(BrokerError, match=hint):
         with ensure_broker("127.0.0.1", free_port()):
             pass
 

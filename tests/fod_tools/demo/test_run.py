@@ -59,7 +59,12 @@ def test_demo_runs_the_agent_and_stops_after_duration(toy_package, tmp_path, mon
     )
     out = capsys.readouterr().out
     assert code == 0, out
-    assert f"mosquitto_sub -h 127.0.0.1 -p {port} -v -t 'fod/#'" in out
+    root = "fod/demo/line1/demo"
+    hint = f"mosquitto_sub -h 127.0.0.1 -p {port} -v -t '{root}/status' -t '{root}/+/state' -t '{root}/+/result'"
+    assert hint in out
+    assert "/mask" not in out  # binary image topics stay out of the terminal
+    assert "'fod/#'" not in out
+    assert re.search(r"defective parts NG: \d+ of \d+|no defective part", out), out
     assert "(embedded amqtt)" in out
     frames = int(re.search(r"frames scored (\d+)", out).group(1))
     assert frames > 0, out  # results went agent -> embedded broker -> the view's subscriber
