@@ -238,6 +238,20 @@ def _tensorrt_runner(engine: Path, image_size: tuple[int, int], package_dir: Pat
     return runner
 
 
+def _onnx_runner(package: ModelPackage, config: ModelConfig) -> tuple[OnnxRuntimeRunner, Path]:
+    """The activated ONNX Runtime runner of the package's ``config.precision`` graph, and that graph."""
+    try:
+        model_file = package.onnx_path(config.precision)
+    except FodError as exc:
+        raise BackendError(str(exc)) from exc
+    runner = OnnxRuntimeRunner(model_file, package.image_size, intra_op_threads=config.onnx_threads)
+    try:
+        runner.activate()
+    except FodError as exc:
+        raise BackendError(str(exc)) from exc
+    return runner, model_file
+
+
 def load_model(config: ModelConfig, *, path: Path | None = None) -> LoadedModel:
     """Validate the package, choose the backend, and activate a runner.
 
@@ -305,15 +319,7 @@ def load_model(config: ModelConfig, *, path: Path | None = None) -> LoadedModel:
         else:
             reason = f"auto: TensorRT not available ({why}); ONNX Runtime"
     if runner is None:
-        try:
-            model_file = package.onnx_path(config.precision)
-        except FodError as exc:
-            raise BackendError(str(exc)) from exc
-        onnx_runner = OnnxRuntimeRunner(model_file, package.image_size, intra_op_threads=config.onnx_threads)
-        try:
-            onnx_runner.activate()
-        except FodError as exc:
-            raise BackendError(str(exc)) from exc
+        onnx_runner, model_file = _onnx_runner(package, config)
         runner = onnx_runner
         reason += f" ({', '.join(onnx_runner.active_providers)})"
     log.info("backend %s: %s; model %s", backend, reason, model_file)

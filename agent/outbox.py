@@ -48,8 +48,17 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
 
-from agent.errors import AgentError
-from agent.outbox_repair import OutboxEntry, copy_readable, describe_row, entry_from_row, sqlite_cause
+from agent.outbox_repair import (
+    OutboxEntry,
+    OutboxError,
+    describe_row,
+    entry_from_row,
+    open_database,
+    read_epoch,
+    sqlite_cause,
+)
+
+__all__ = ["DB_NAME", "DEFAULT_MAX_MESSAGES", "LOCK_NAME", "Outbox", "OutboxEntry", "OutboxError", "new_epoch"]
 
 try:  # POSIX only; the agent targets Linux (Jetson, x86)
     import fcntl
@@ -62,34 +71,11 @@ DB_NAME = "alarms.sqlite3"
 LOCK_NAME = "alarms.lock"
 DEFAULT_MAX_MESSAGES = 10_000
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS outbox (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    topic TEXT NOT NULL,
-    payload BLOB NOT NULL,
-    created_ts REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS dead_letter (
-    seq INTEGER PRIMARY KEY,
-    topic BLOB,
-    payload BLOB,
-    reason TEXT NOT NULL,
-    moved_ts REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)
-"""
-BUSY_TIMEOUT_S = 30.0
-"""How long a write waits for a sqlite lock held by someone else before it fails (s)."""
-
 
 def new_epoch(now: float | None = None) -> str:
     """A fresh outbox epoch: ``YYYYmmddTHHMMSSZ-<8 hex>`` (UTC creation time, sorts by age)."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now is None else now))
     return f"{stamp}-{secrets.token_hex(4)}"
-
-
-class OutboxError(AgentError):
-    """The outbox directory cannot be used (not writable, or in use by another process)."""
 
 
 class Outbox:
@@ -142,87 +128,19 @@ class Outbox:
                     "same mqtt.outbox_dir?); give each agent its own mqtt.outbox_dir"
                 ) from exc
         try:
-            self._db = self._open()
+            self._db, lost = open_database(self.path, probe=10 * self.max_messages)
         except BaseException:
             os.close(self._lock_fd)
             raise
-        self.epoch = self._epoch()
+        self.dead_letters += len(lost)  # rows of a damaged database that could not be salvaged
+        if self._on_dead_letter is not None:
+            for seq in lost:
+                self._on_dead_letter(seq, "unreadable in damaged database")
+        self.epoch = read_epoch(self._db, new_epoch)
         """Identity of this database (see module doc); a new file gets a new epoch."""
         self._depth = int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
         if self._depth:
             log.info("alarm outbox %s holds %d undelivered alarm(s)", self.path, self._depth)
-
-    def _connect(self, path: Path | None = None) -> sqlite3.Connection:
-        db = sqlite3.connect(path or self.path, check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT_S)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.executescript(_SCHEMA)
-        return db
-
-    def _epoch(self) -> str:
-        row = self._db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
-        if row is not None:
-            return str(row[0])
-        epoch = new_epoch()
-        self._db.execute("INSERT INTO meta (key, value) VALUES ('epoch', ?)", (epoch,))
-        return epoch
-
-    def _move_aside(self) -> Path:
-        aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
-        for suffix in ("", "-wal", "-shm"):
-            src = Path(f"{self.path}{suffix}")
-            if src.exists():
-                src.replace(Path(f"{aside}{suffix}"))
-        return aside
-
-    def _open(self) -> sqlite3.Connection:
-        try:
-            db = self._connect()
-        except sqlite3.DatabaseError as exc:
-            aside = self._move_aside()
-            log.error(
-                "alarm outbox %s is unreadable (%s): moved it to %s and started an empty outbox under a new "
-                "epoch; undelivered alarms in it are lost",
-                self.path,
-                exc,
-                aside,
-            )
-            try:
-                return self._connect()
-            except sqlite3.Error as exc2:
-                raise OutboxError(f"cannot create alarm outbox {self.path}: {exc2}") from exc2
-        try:
-            check = [str(r[0]) for r in db.execute("PRAGMA quick_check").fetchall()]
-        except sqlite3.DatabaseError as exc:
-            check = [str(exc)]
-        if check == ["ok"]:
-            return db
-        db.close()
-        return self._salvage("; ".join(check[:3]))
-
-    def _salvage(self, problem: str) -> sqlite3.Connection:
-        """Copy every readable row of a damaged database into a new one (same epoch and numbering)."""
-        aside = self._move_aside()
-        old = sqlite3.connect(aside, check_same_thread=False, isolation_level=None)
-        db = self._connect()
-        try:
-            lost = copy_readable(old, db, aside.name, probe=10 * self.max_messages)
-        finally:
-            old.close()
-        log.error(
-            "alarm outbox %s failed its integrity check (%s): moved it to %s and copied the readable rows into a "
-            "new database; %d unreadable row(s) dead-lettered (alarm_seq %s)",
-            self.path,
-            problem,
-            aside,
-            len(lost),
-            lost[:20],
-        )
-        self.dead_letters += len(lost)
-        if self._on_dead_letter is not None:
-            for seq in lost:
-                self._on_dead_letter(seq, "unreadable in damaged database")
-        return db
 
     def __len__(self) -> int:
         """Number of entries waiting (the outbox depth)."""

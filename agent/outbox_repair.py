@@ -1,19 +1,51 @@
-"""Reading a damaged alarm outbox: row validation, sqlite error causes, salvage of the readable rows.
+"""Opening the alarm outbox database and reading a damaged one: row validation, sqlite error causes,
+salvage of the readable rows.
 
-Used by :mod:`agent.outbox`: :func:`entry_from_row` decides whether a stored row can be delivered,
+Used by :mod:`agent.outbox`: :func:`open_database` opens (or creates) the database, moving an
+unreadable file aside and salvaging one that fails its integrity check; :func:`entry_from_row`
+decides whether a stored row can be delivered,
 :func:`copy_readable` copies every readable row of a database that failed its integrity check into
 a fresh one (same numbering and epoch) and returns the sequence numbers it could not read.
 """
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
+from agent.errors import AgentError
+
 _T = TypeVar("_T")
+
+log = logging.getLogger("agent.outbox")  # the outbox's own logger, as before the split
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    created_ts REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS dead_letter (
+    seq INTEGER PRIMARY KEY,
+    topic BLOB,
+    payload BLOB,
+    reason TEXT NOT NULL,
+    moved_ts REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)
+"""
+BUSY_TIMEOUT_S = 30.0
+"""How long a write waits for a sqlite lock held by someone else before it fails (s)."""
+
+
+class OutboxError(AgentError):
+    """The outbox directory cannot be used (not writable, or in use by another process)."""
 
 
 @dataclass(frozen=True)
@@ -31,6 +63,95 @@ class OutboxEntry:
     topic: str
     payload: bytes
     created_ts: float
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """Open (or create) the outbox database at ``path``: WAL journal, ``synchronous=FULL``, schema."""
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT_S)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.executescript(_SCHEMA)
+    return db
+
+
+def read_epoch(db: sqlite3.Connection, new_epoch: Callable[[], str]) -> str:
+    """The database's epoch; a new database gets ``new_epoch()``, stored in ``meta``."""
+    row = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
+    if row is not None:
+        return str(row[0])
+    epoch = new_epoch()
+    db.execute("INSERT INTO meta (key, value) VALUES ('epoch', ?)", (epoch,))
+    return epoch
+
+
+def move_aside(path: Path) -> Path:
+    """Rename the database and its WAL files to ``<name>.corrupt-<unix time>``; return the new path."""
+    aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+    for suffix in ("", "-wal", "-shm"):
+        src = Path(f"{path}{suffix}")
+        if src.exists():
+            src.replace(Path(f"{aside}{suffix}"))
+    return aside
+
+
+def open_database(path: Path, *, probe: int) -> tuple[sqlite3.Connection, list[int]]:
+    """Open the outbox database, replacing an unreadable file and salvaging a damaged one.
+
+    Args:
+        path: The database file (``alarms.sqlite3``).
+        probe: See :func:`copy_readable` (the outbox passes ten times its capacity).
+
+    Returns:
+        The connection, and the sequence numbers of rows a salvage could not read (dead-lettered;
+        empty when the database was sound).
+
+    Raises:
+        OutboxError: the file was unreadable and a new one cannot be created.
+    """
+    try:
+        db = connect(path)
+    except sqlite3.DatabaseError as exc:
+        aside = move_aside(path)
+        log.error(
+            "alarm outbox %s is unreadable (%s): moved it to %s and started an empty outbox under a new "
+            "epoch; undelivered alarms in it are lost",
+            path,
+            exc,
+            aside,
+        )
+        try:
+            return connect(path), []
+        except sqlite3.Error as exc2:
+            raise OutboxError(f"cannot create alarm outbox {path}: {exc2}") from exc2
+    try:
+        check = [str(r[0]) for r in db.execute("PRAGMA quick_check").fetchall()]
+    except sqlite3.DatabaseError as exc:
+        check = [str(exc)]
+    if check == ["ok"]:
+        return db, []
+    db.close()
+    return _salvage(path, "; ".join(check[:3]), probe=probe)
+
+
+def _salvage(path: Path, problem: str, *, probe: int) -> tuple[sqlite3.Connection, list[int]]:
+    """Copy every readable row of a damaged database into a new one (same epoch and numbering)."""
+    aside = move_aside(path)
+    old = sqlite3.connect(aside, check_same_thread=False, isolation_level=None)
+    db = connect(path)
+    try:
+        lost = copy_readable(old, db, aside.name, probe=probe)
+    finally:
+        old.close()
+    log.error(
+        "alarm outbox %s failed its integrity check (%s): moved it to %s and copied the readable rows into a "
+        "new database; %d unreadable row(s) dead-lettered (alarm_seq %s)",
+        path,
+        problem,
+        aside,
+        len(lost),
+        lost[:20],
+    )
+    return db, lost
 
 
 def copy_readable(old: sqlite3.Connection, db: sqlite3.Connection, source_name: str, *, probe: int) -> list[int]:

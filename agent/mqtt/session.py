@@ -16,6 +16,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
+from agent.backoff import Backoff
 from agent.mqtt.base import LinkState
 
 log = logging.getLogger("agent.mqtt")
@@ -146,7 +147,7 @@ class Supervisor(LinkState):
             client.loop_stop()
 
     def _run(self) -> None:
-        delay = self.config.reconnect_min_s
+        backoff = Backoff(self.config.reconnect_min_s, self.config.reconnect_max_s)
         failing = False
         where = f"{self.config.host}:{self.config.port}"
         while not self._stopping.is_set():
@@ -166,12 +167,11 @@ class Supervisor(LinkState):
                     failing = True
                 else:
                     log.debug("MQTT connect to %s failed again: %s", where, error)
-                if self._stopping.wait(delay):
+                if backoff.wait(self._stopping):
                     break
-                delay = min(delay * 2, self.config.reconnect_max_s)
                 continue
             failing = False
-            delay = self.config.reconnect_min_s
+            backoff.reset()
             self._sessions += 1
             if self._sessions > 1:
                 self._m_reconnects.inc()
@@ -189,7 +189,7 @@ class Supervisor(LinkState):
                 where,
                 session.lost_reason,
             )
-            if self._stopping.wait(delay):
+            if self._stopping.wait(backoff.delay):  # the first retry after a loss: not doubled
                 break
 
     def _session(self, client: mqtt.Client, session: _Session) -> bool:
