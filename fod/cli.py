@@ -49,7 +49,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:  # a missing optional dependency disables one command, not all
-            stub = sub.add_parser(name, help=f"(unavailable: {exc})")
+            stub = sub.add_parser(name, help=f"(unavailable: {exc})",
+                                  description=f"`fod {name}` is unavailable: {exc} (reinstall: pip install -e .)")
             stub.set_defaults(_unavailable=f"`fod {name}` needs a missing dependency: {exc}")
             continue
         module.add_parser(sub)
