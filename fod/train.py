@@ -157,7 +157,9 @@ def train_model(
 
     Args:
         images: ``[N, S, S, 3]`` uint8 BGR, already through ``fod.preprocess.to_model_input``.
-        config: model hyper-parameters (``image_size`` must equal S).
+        config: model hyper-parameters (``image_size`` must equal S). Its ``level_norm`` is set in
+            place to the measured fusion statistics (None when ``settings.holdout`` is 0); the returned
+            model holds this same config.
         settings: schedule.
         on_epoch: called after each epoch with (epoch, mean loss terms).
 
