@@ -273,8 +273,9 @@ def test_health_is_derived_from_work_done(
     assert agent.cameras["cam0"].worker.status().state in ("connecting", "connected")
     found = until(lambda: problems_matching(agent, reason), f"{reason!r} in /healthz")
     assert found
-    until(lambda: agent.metrics.value("fod_healthy") == 0, "fod_healthy 0")
-    assert agent.metrics.value("fod_health_problems") >= 1
+    # The gauges start at 0 and the ticker sets them once a second: wait for the tick that counts the problem.
+    until(lambda: agent.metrics.value("fod_health_problems") >= 1, "fod_health_problems >= 1")
+    assert agent.metrics.value("fod_healthy") == 0
     if fault == "too_large":
         assert agent.metrics.value("fod_frames_broken_total", {"camera": "cam0", "reason": "too_large"}) >= 1
         assert agent.metrics.value("fod_frames_scored_total") == 0
