@@ -11,6 +11,7 @@ it is swapped only by the supervisor, under ``_lock``; paho callbacks never take
 from __future__ import annotations
 
 import logging
+import math
 import ssl
 import threading
 import time
@@ -18,6 +19,8 @@ from typing import Literal
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from agent import __version__
@@ -61,6 +64,7 @@ class LinkState:
     _stop_deadline: float
     _client: mqtt.Client | None
     _states: dict[str, CameraStatePayload]
+    _state_sent_at: dict[str, float]
     _backend: str | None
     _model: str | None
     _health: tuple[bool | None, tuple[str, ...]]
@@ -142,14 +146,28 @@ class LinkState:
         limits = [v for v in (self.config.max_packet_bytes, self._broker_max_packet) if v]
         return min(limits) if limits else None
 
-    def _fits(self, topic: str, payload: bytes, qos: int) -> bool:
+    def _fits(self, topic: str, payload: bytes, qos: int, property_bytes: int = 0) -> bool:
         limit = self.max_packet_bytes
-        return limit is None or publish_packet_bytes(topic, len(payload), qos, v5=self.config.protocol == "5") <= limit
+        size = publish_packet_bytes(
+            topic, len(payload), qos, v5=self.config.protocol == "5", property_bytes=property_bytes
+        )
+        return limit is None or size <= limit
 
     def _publish(
-        self, client: mqtt.Client, topic: str, payload: bytes, qos: int, retain: bool, kind: str
+        self,
+        client: mqtt.Client,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        retain: bool,
+        kind: str,
+        expiry_s: int = 0,
     ) -> bool:
-        if not self._fits(topic, payload, qos):  # the broker would drop the connection: never send it
+        properties = None
+        if expiry_s > 0 and self.config.protocol == "5":
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.MessageExpiryInterval = expiry_s
+        if not self._fits(topic, payload, qos, 5 if properties is not None else 0):  # the broker would drop the connection: never send it
             self._m_dropped.labels(kind, "too_large").inc()
             log.warning(
                 "%s message on %s not published: %d bytes exceed the broker's maximum packet size %s",
@@ -165,7 +183,7 @@ class LinkState:
             if reason is not None:
                 self._m_dropped.labels(kind, reason).inc()
                 return False
-        info = client.publish(topic, payload, qos=qos, retain=retain)
+        info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
             self._m_published.labels(kind).inc()
             if yielding:
@@ -226,7 +244,29 @@ class LinkState:
             self._publish(client, topic, b"", 1, True, "clear")
 
     def _publish_state(self, client: mqtt.Client, camera: str, state: CameraStatePayload) -> bool:
+        """Publish a camera's retained state; with MQTT 5 it expires after ``mqtt.state_expiry_s``."""
+        self._state_sent_at[camera] = time.monotonic()
         return self._publish(
-            client, f"{self.root}/{camera}/state", state.to_json(), self.config.qos_state, True, "state"
+            client,
+            f"{self.root}/{camera}/state",
+            state.to_json(),
+            self.config.qos_state,
+            True,
+            "state",
+            expiry_s=math.ceil(self.config.state_expiry_s),
         )
+
+    def _refresh_states(self, client: mqtt.Client) -> None:
+        """Republish each camera state a third of ``mqtt.state_expiry_s`` after it was sent (MQTT 5 only).
+
+        The retained copies expire on the broker unless renewed, so a crashed agent's camera states
+        vanish within ``state_expiry_s`` (the Last Will covers only ``<root>/status``).
+        """
+        if self.config.protocol != "5" or self.config.state_expiry_s <= 0:
+            return
+        due = time.monotonic() - self.config.state_expiry_s / 3.0
+        with self._lock:
+            for camera, state in self._states.items():
+                if self._state_sent_at.get(camera, 0.0) <= due:
+                    self._publish_state(client, camera, state)
 

@@ -158,6 +158,15 @@ class MqttConfig(BaseModel):
         default="3.1.1",
         description="MQTT protocol version; 5 lets the agent learn the broker's maximum packet size.",
     )
+    state_expiry_s: float = Field(
+        default=60.0,
+        ge=0.0,
+        le=86400.0,
+        description="With protocol 5: Message Expiry Interval of the retained <camera>/state (s); the agent "
+        "republishes each state every third of it, so after a crash the broker drops a state within this "
+        "time instead of keeping 'connected' forever. 0 = never expires. No effect with 3.1.1 (read "
+        "<camera>/state together with <root>/status there).",
+    )
     plc_topics: bool = Field(
         default=False,
         description="Also publish short tokens for PLCs that read little: <root>/plc/<camera>/<roi>/alarm "

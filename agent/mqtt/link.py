@@ -121,6 +121,7 @@ class MqttLink(Publishers, Supervisor):
         self._thread: threading.Thread | None = None
         self._client: mqtt.Client | None = None
         self._states: dict[str, CameraStatePayload] = {}
+        self._state_sent_at: dict[str, float] = {}
         self._backend: str | None = None
         self._model: str | None = None
         self._health: tuple[bool | None, tuple[str, ...]] = (None, ())

@@ -250,6 +250,8 @@ class Supervisor(LinkState):
                     inflight.append((entry.seq, info))
                     if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                         break
+            if not self._stopping.is_set():
+                self._refresh_states(client)
             self._wake.wait(0.05 if self._stopping.is_set() else 0.5)
         return False
 

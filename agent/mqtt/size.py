@@ -26,19 +26,22 @@ def _varint_len(value: int) -> int:
     return n
 
 
-def publish_packet_bytes(topic: str, payload_bytes: int, qos: int, *, v5: bool) -> int:
+def publish_packet_bytes(topic: str, payload_bytes: int, qos: int, *, v5: bool, property_bytes: int = 0) -> int:
     """Size on the wire of a PUBLISH packet, bytes (what a broker's maximum packet size limits).
 
     Args:
         topic: the topic name.
         payload_bytes: payload length, bytes.
         qos: 0, 1 or 2 (QoS > 0 adds the 2-byte packet id).
-        v5: MQTT 5 (adds the property length byte; the agent sends no properties).
+        v5: MQTT 5 (adds the property length field).
+        property_bytes: MQTT 5 properties sent, bytes (a Message Expiry Interval is 5: id + 4-byte
+            integer); 0 for MQTT 3.1.1.
 
     Returns:
         Fixed header + variable header + payload, bytes.
     """
-    remaining = 2 + len(topic.encode("utf-8")) + (2 if qos else 0) + (1 if v5 else 0) + payload_bytes
+    props = _varint_len(property_bytes) + property_bytes if v5 else 0
+    remaining = 2 + len(topic.encode("utf-8")) + (2 if qos else 0) + props + payload_bytes
     return 1 + _varint_len(remaining) + remaining
 
 

@@ -228,6 +228,78 @@ def test_last_will_marks_a_killed_agent_offline(mosquitto, subscriber, topic_roo
     assert msg.json()["state"] == "offline"
 
 
+STATE_SCRIPT = """
+import sys, time
+from pathlib import Path
+from agent.mqtt.config import MqttConfig
+from agent.mqtt.link import MqttLink
+from agent.schemas import CameraStatePayload
+cfg = MqttConfig(
+    host="127.0.0.1", port=int(sys.argv[1]), topic_root=sys.argv[2],
+    outbox_dir=Path(sys.argv[3]), keepalive_s=5, protocol="5", state_expiry_s=float(sys.argv[4]),
+)
+link = MqttLink(cfg, agent_id="crashy")
+link.start()
+if not link.connected.wait(10):
+    sys.exit(3)
+link.publish_camera_state("cam0", CameraStatePayload(
+    camera="cam0", state="connected", connected=True, fps=10.0, last_frame_age_s=0.1,
+    frames_captured=1, frames_dropped=0, reconnects=0))
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_killed_agents_camera_state_expires_with_mqtt5(mosquitto, subscriber, topic_root, tmp_path):
+    """Issue 14 item 12: the retained ``connected: true`` must not outlive a crashed agent.
+
+    With MQTT 5 the state carries a Message Expiry Interval and is renewed while the agent lives: a
+    late subscriber sees it after more than one interval while the agent runs, and not after it is
+    killed (the broker dropped it).
+    """
+    expiry = 2.0
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STATE_SCRIPT, str(mosquitto.port), topic_root, str(tmp_path / "ob"), str(expiry)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    topic = f"{topic_root}/cam0/state"
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.strip() == b"ready", proc.stderr.read() if proc.stderr else b""
+        time.sleep(2.5 * expiry)  # longer than the expiry: only the renewals keep it
+        alive = subscriber(mosquitto, topic)
+        msg = alive.wait_for(topic, 1)[0]
+        assert msg.retain
+        assert msg.json()["connected"] is True
+        proc.kill()  # a crash: no DISCONNECT, no clean-stop state
+        proc.wait(5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        for stream in (proc.stdout, proc.stderr):
+            if stream:
+                stream.close()
+    time.sleep(expiry + 1.0)
+    late = subscriber(mosquitto, f"{topic_root}/#")
+    status = late.wait_for(f"{topic_root}/status", 1)[0]  # the Last Will: proof the subscription is live
+    assert status.json()["state"] == "offline"
+    time.sleep(0.3)
+    assert late.get(topic) == []
+
+
+def test_state_expiry_counts_in_the_packet_size():
+    """A Message Expiry Interval adds 5 property bytes to an MQTT 5 PUBLISH."""
+    from agent.mqtt.size import publish_packet_bytes
+
+    plain = publish_packet_bytes("r/cam0/state", 100, 1, v5=True)
+    assert publish_packet_bytes("r/cam0/state", 100, 1, v5=True, property_bytes=5) == plain + 5
+    assert publish_packet_bytes("r/cam0/state", 100, 1, v5=False) == plain - 1
+
+
 def test_broker_restart_republishes_status_and_camera_states(mosquitto, subscriber, topic_root, make_link):
     """A broker without persistence forgets retained messages: the link must publish them again."""
     link = make_link(mosquitto)
