@@ -21,5 +21,9 @@ class InputError(FodError):
     """An image handed to a predictor has the wrong dtype, rank or channel count."""
 
 
+class ImageTooLarge(InputError):
+    """An encoded image whose header announces a side above the allowed maximum (refused before decoding)."""
+
+
 class OptionError(FodError):
     """A command-line option has a value the model cannot use (the message names the option and the allowed values)."""

@@ -7,12 +7,13 @@ Everything that feeds the model calls :func:`to_model_input`, so a frame gives t
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from fod.errors import InputError
+from fod.errors import ImageTooLarge, InputError
 
 
 def as_bgr(image: np.ndarray, *, source: str = "image") -> np.ndarray:
@@ -78,7 +79,37 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".
 """File suffixes read as images by every folder reader (training, eval, calibration, bench, agent)."""
 
 
-def decode_image(data: bytes | np.ndarray, *, source: str = "image") -> np.ndarray:
+BEYOND_PILLOW = (1 << 31, 1 << 31)
+"""What :func:`header_size` returns for an image Pillow refuses to open as a decompression bomb."""
+
+
+def header_size(data: bytes | np.ndarray) -> tuple[int, int] | None:
+    """Width and height an encoded image announces in its header, read without decoding the pixels.
+
+    Uses Pillow's lazy ``Image.open`` (header only), so a 10000 x 10000 px file costs a few hundred
+    bytes to check instead of 300 MB to decode.
+
+    Args:
+        data: the encoded file content.
+
+    Returns:
+        ``(width, height)`` in px (before any EXIF rotation); :data:`BEYOND_PILLOW` when the image has
+        more pixels than Pillow opens at all (twice ``PIL.Image.MAX_IMAGE_PIXELS``, about 179 M px);
+        None when the header is not one Pillow knows (the decoder then reports the file).
+    """
+    from PIL import Image  # lazy: only callers that check a size pay the import
+
+    raw = data.tobytes() if isinstance(data, np.ndarray) else bytes(data)
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            return int(image.size[0]), int(image.size[1])
+    except Image.DecompressionBombError:
+        return BEYOND_PILLOW
+    except (OSError, ValueError, SyntaxError):  # UnidentifiedImageError is an OSError
+        return None
+
+
+def decode_image(data: bytes | np.ndarray, *, source: str = "image", max_side_px: int | None = None) -> np.ndarray:
     """Decode an encoded image (PNG, JPEG, BMP, TIFF, WebP) to BGR uint8: the one decoder of the project.
 
     Every path that turns a file into pixels (training, ``fod eval``, calibration, ``fod bench``, the
@@ -90,32 +121,48 @@ def decode_image(data: bytes | np.ndarray, *, source: str = "image") -> np.ndarr
     Args:
         data: the encoded file content.
         source: name used in error messages (file name).
+        max_side_px: refuse an image whose header announces a wider or taller size, before any pixel
+            is decoded (:func:`header_size`); None = no limit.
 
     Returns:
         ``[H, W, 3]`` uint8, BGR order.
 
     Raises:
+        ImageTooLarge: a side above ``max_side_px`` (nothing was allocated for the pixels).
         InputError: empty or undecodable data (corrupt or not an image).
     """
     buffer = np.frombuffer(data, dtype=np.uint8) if isinstance(data, bytes | bytearray) else data
-    image = cv2.imdecode(buffer, cv2.IMREAD_COLOR) if buffer.size else None
+    if max_side_px is not None and buffer.size:
+        size = header_size(buffer)
+        if size is not None and max(size) > max_side_px:
+            what = "more than 179 M px" if size == BEYOND_PILLOW else f"{size[0]}x{size[1]} px"
+            raise ImageTooLarge(
+                f"{source}: image of {what} is larger than the limit of {max_side_px} px per side "
+                "(cameras.max_frame_side_px); not decoded"
+            )
+    try:
+        image = cv2.imdecode(buffer, cv2.IMREAD_COLOR) if buffer.size else None
+    except cv2.error as exc:  # OpenCV refuses images over 2^30 px (OPENCV_IO_MAX_IMAGE_PIXELS) by raising
+        raise InputError(f"{source}: OpenCV cannot decode the image ({str(exc).strip().splitlines()[-1]})") from None
     if image is None:
         raise InputError(f"{source}: cannot decode the image (corrupt or not an image); replace or remove it")
     return image
 
 
-def read_image(path: str, *, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
+def read_image(path: str, *, flags: int = cv2.IMREAD_COLOR, max_side_px: int | None = None) -> np.ndarray:
     """Read an image file with :func:`decode_image` (BGR uint8), with an error naming the file.
 
     Args:
         path: image file (png, jpg, bmp, tif, webp).
         flags: ``cv2.IMREAD_COLOR`` (the default: :func:`decode_image`), or ``IMREAD_GRAYSCALE`` for
             masks (EXIF orientation applied too, so a mask stays aligned with its image).
+        max_side_px: see :func:`decode_image` (colour reads only).
 
     Returns:
         ``[H, W, 3]`` uint8 BGR (or ``[H, W]`` with ``IMREAD_GRAYSCALE``).
 
     Raises:
+        ImageTooLarge: a side above ``max_side_px``, from the header (not decoded).
         InputError: the file is missing, unreadable or cannot be decoded.
     """
     try:
@@ -125,8 +172,11 @@ def read_image(path: str, *, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
     if data is None:
         raise InputError(f"{path}: file not found")
     if flags == cv2.IMREAD_COLOR:
-        return decode_image(data, source=path)
-    image = cv2.imdecode(data, flags) if data.size else None
+        return decode_image(data, source=path, max_side_px=max_side_px)
+    try:
+        image = cv2.imdecode(data, flags) if data.size else None
+    except cv2.error as exc:
+        raise InputError(f"{path}: OpenCV cannot decode the image ({str(exc).strip().splitlines()[-1]})") from None
     if image is None:
         raise InputError(f"{path}: cannot decode the image (corrupt or not an image); replace or remove it")
     return image

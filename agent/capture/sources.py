@@ -25,7 +25,8 @@ import cv2
 
 from agent.config import CameraConfig, SourceKind
 from agent.errors import CameraError
-from fod.errors import InputError
+from agent.capture.status import TOO_LARGE
+from fod.errors import ImageTooLarge, InputError
 from fod.preprocess import IMAGE_SUFFIXES, read_image
 
 log = logging.getLogger("agent.capture")
@@ -183,6 +184,8 @@ class FolderSource(Source):
 
     Args:
         folder: the folder; files with an image suffix (png, jpg, bmp, tif, webp) are read.
+        max_side_px: a file whose header announces a larger side is skipped before it is decoded
+            (``cameras.max_frame_side_px``) and read as :data:`TOO_LARGE`; None = no limit.
 
     Raises:
         CameraError: the folder is missing or holds no image.
@@ -190,8 +193,9 @@ class FolderSource(Source):
 
     live = False
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, *, max_side_px: int | None = None) -> None:
         self.folder = Path(folder)
+        self.max_side_px = max_side_px
         if not self.folder.is_dir():
             raise CameraError(f"image folder {self.folder} not found; check cameras.source or --source")
         self.files = sorted(p for p in self.folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
@@ -204,14 +208,20 @@ class FolderSource(Source):
         self._warned: set[Path] = set()
 
     def read(self) -> tuple[bool, Any]:
-        """Decode the next file: ``(True, None)`` when it cannot be decoded, ``(False, None)`` at the end."""
+        """Decode the next file: ``(True, None)`` when it cannot be decoded, ``(True, TOO_LARGE)`` when its
+        header is over ``max_side_px``, ``(False, None)`` at the end."""
         if self._next >= len(self.files):
             return False, None
         path = self.files[self._next]
         self._next += 1
         self.last_id = path.name
         try:
-            return True, read_image(str(path))
+            return True, read_image(str(path), max_side_px=self.max_side_px)
+        except ImageTooLarge as exc:
+            if path not in self._warned:
+                self._warned.add(path)
+                log.warning("skipped: %s", exc)
+            return True, TOO_LARGE
         except InputError as exc:
             if path not in self._warned:  # named once per file and pass over the folder
                 self._warned.add(path)
@@ -304,7 +314,7 @@ def open_source(config: CameraConfig, override: Any = None) -> Source:
         return reader if isinstance(reader, Source) else ObjectSource(reader)
     kind = source_kind(config)
     if kind == "folder":
-        return FolderSource(str(config.source))
+        return FolderSource(str(config.source), max_side_px=config.max_frame_side_px)
     text = str(config.source).strip()
     target: int | str = int(text) if kind == "camera" and text.isdigit() else text
     return VideoCaptureSource(

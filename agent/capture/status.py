@@ -15,6 +15,10 @@ MIN_FRAME_SIDE_PX = 8
 """Frames smaller than this on either side are broken (reason ``size``), px."""
 
 
+TOO_LARGE = "too_large"
+"""What a folder source reads for a file refused by its header size (counted as ``too_large``)."""
+
+
 def check_frame(image: Any, *, source: str) -> tuple[np.ndarray | None, str | None]:
     """Validate a frame and convert it to ``[H, W, 3]`` uint8 BGR.
 
@@ -24,8 +28,11 @@ def check_frame(image: Any, *, source: str) -> tuple[np.ndarray | None, str | No
 
     Returns:
         ``(frame, None)`` for a usable frame (grayscale, ``[H, W, 1]`` and BGRA are converted),
-        else ``(None, reason)`` with reason ``empty``, ``dtype``, ``shape`` or ``size``.
+        else ``(None, reason)`` with reason ``empty``, ``dtype``, ``shape`` or ``size``; a string from
+        the source is its reason (``too_large``: a file refused by its header, never decoded).
     """
+    if isinstance(image, str) and image == TOO_LARGE:  # a file refused by its header, never decoded
+        return None, TOO_LARGE
     if image is None or not isinstance(image, np.ndarray) or image.size == 0:
         return None, "empty"
     if image.dtype != np.uint8:

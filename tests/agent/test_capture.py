@@ -448,3 +448,52 @@ def test_broken_file_in_a_folder_is_named_once_in_the_log(tmp_path, caplog):
     lines = [r.getMessage() for r in caplog.records if "b.png" in r.getMessage()]
     assert len(lines) == 2  # one line per pass over the folder, naming the file
     assert all(line.startswith("skipped: ") for line in lines)
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG announcing ``width`` x ``height`` (8-bit RGB) whose pixel data is a few bytes of zeros."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_an_oversized_file_is_refused_from_its_header_before_decoding(tmp_path):
+    """Issue 14 item 10: a file announcing 60000 x 60000 px (10.8 GB of pixels) is skipped as ``too_large``
+    from its header; the size limit is checked before anything is allocated for the pixels."""
+    import cv2
+    import numpy as np
+
+    from agent.capture.sources import FolderSource
+    from agent.capture.status import check_frame
+    from fod.errors import ImageTooLarge, InputError
+    from fod.preprocess import decode_image, header_size
+
+    large = _png_header(9000, 9000)
+    assert header_size(large) == (9000, 9000)
+    with pytest.raises(ImageTooLarge, match="9000x9000 px is larger than the limit of 8192"):
+        decode_image(large, source="large.png", max_side_px=8192)
+    bomb = _png_header(60000, 60000)  # beyond what Pillow opens at all
+    with pytest.raises(ImageTooLarge, match="more than 179 M px is larger than the limit of 8192"):
+        decode_image(bomb, source="bomb.png", max_side_px=8192)
+    with pytest.raises(InputError):  # without the limit it reaches the decoder, which finds no pixel data
+        decode_image(bomb, source="bomb.png")
+    ok, big = cv2.imencode(".jpg", np.zeros((40, 300, 3), np.uint8))
+    assert ok and header_size(big.tobytes()) == (300, 40)
+    assert decode_image(big.tobytes(), max_side_px=300).shape == (40, 300, 3)  # the limit itself is allowed
+    with pytest.raises(ImageTooLarge):
+        decode_image(big.tobytes(), max_side_px=299)
+
+    (tmp_path / "a_bomb.png").write_bytes(bomb)
+    cv2.imwrite(str(tmp_path / "b_ok.png"), np.zeros((32, 32, 3), np.uint8))
+    source = FolderSource(tmp_path, max_side_px=8192)
+    ok_read, raw = source.read()
+    assert ok_read
+    assert check_frame(raw, source="cam0") == (None, "too_large")
+    ok_read, raw = source.read()
+    frame, reason = check_frame(raw, source="cam0")
+    assert reason is None and frame is not None and frame.shape == (32, 32, 3)
