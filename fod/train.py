@@ -44,6 +44,10 @@ class TrainSettings:
         compile: run the training step under ``torch.compile`` (about 2x the steps/s of eager on a
             2-core CPU, after a one-off compile of about 1-2 min). None: compile when a C compiler is
             present and the run has at least :data:`COMPILE_MIN_STEPS` steps.
+        jitter: feature jitter scale (UniAD, You et al. NeurIPS 2022, section 3.4): during training each
+            input token ``x_i`` (``C`` channels) gets Gaussian noise of std ``jitter * ||x_i|| / C`` and the
+            level reconstructs the clean token, so it learns to map off-normal features back toward
+            normal instead of copying them. 0 trains on clean tokens (the reference). Inference is unchanged.
     """
 
     epochs: int = 10
@@ -54,6 +58,7 @@ class TrainSettings:
     progress: bool = True
     holdout: float = 0.1
     compile: bool | None = None
+    jitter: float = 0.0
 
 
 COMPILE_MIN_STEPS = 3000  # below this the one-off compile costs more than it saves
@@ -133,13 +138,20 @@ def extract_features(model: FODModel, images: np.ndarray, batch_size: int = 16) 
 
 
 def _step_loss(
-    levels: list[Any], xs: list[torch.Tensor], lambda1: float, lambda2: float
+    levels: list[Any], xs: list[torch.Tensor], lambda1: float, lambda2: float, jitter: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum over levels of :func:`fod.losses.fod_loss` and the stacked terms ``[levels, 7]`` (detached)."""
+    """Sum over levels of :func:`fod.losses.fod_loss` and the stacked terms ``[levels, 7]`` (detached).
+
+    ``xs``: one ``[N, L, C]`` float32 token batch per level. With ``jitter`` > 0 each level sees its
+    tokens plus noise (:attr:`TrainSettings.jitter`) and is scored against the clean tokens.
+    """
     total = torch.zeros((), device=xs[0].device)
     terms = []
     for level, x in zip(levels, xs):
-        x_hat, maps = level(x, training_maps=True)
+        x_in = x
+        if jitter > 0:
+            x_in = x + torch.randn_like(x) * (x.norm(dim=-1, keepdim=True) * (jitter / x.shape[-1]))
+        x_hat, maps = level(x_in, training_maps=True)
         loss, t = fod_loss(x, x_hat, maps, lambda1, lambda2)
         total = total + loss
         terms.append(t)
@@ -209,7 +221,7 @@ def train_model(
         for step in range(steps_per_epoch):
             idx = torch.from_numpy(order[step * settings.batch_size : (step + 1) * settings.batch_size])
             total, terms = step_loss(list(model.levels), [tok[idx].to(device) for tok in tokens],
-                                     config.lambda1, config.lambda2)
+                                     config.lambda1, config.lambda2, settings.jitter)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()
@@ -249,6 +261,7 @@ def train_model(
         "holdout_indices": [int(i) for i in holdout_idx],
         "level_norm": None if config.level_norm is None else [list(x) for x in config.level_norm],
         "compiled": compiled,
+        "jitter": settings.jitter,
         "feature_seconds": round(feature_s, 2),
         "train_seconds": round(sum(epoch_seconds), 2),
         "epoch_seconds": [round(x, 2) for x in epoch_seconds],

@@ -10,7 +10,7 @@ from typing import Any
 from fod.backbone_names import BACKBONE_NAMES  # torch-free, so that `fod --help` does not import torch
 
 # the defaults of `fod train`, chosen by the ablation in docs/results.md
-DEFAULTS: dict[str, Any] = {"epochs": 15, "image_size": 256, "levels": "16,32"}
+DEFAULTS: dict[str, Any] = {"epochs": 15, "image_size": 256, "levels": "16,32", "jitter": 0.0}
 
 
 
@@ -34,6 +34,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--holdout", type=float, default=0.1,
                    help="share of the good images held out of training to measure each level's map statistics "
                         "for the level fusion (default 0.1; 0 = plain average of the levels)")
+    p.add_argument("--jitter", type=float, default=DEFAULTS["jitter"],
+                   help="feature jitter during training (UniAD): noise of std JITTER*|x|/C on each input token, "
+                        f"the clean token as target; 0 = off (default {DEFAULTS['jitter']})")
     p.add_argument("--batch-size", type=int, default=1,
                    help="images per step (default 1, the reference's; larger is faster per epoch but learns less)")
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4, the reference's)")
@@ -67,9 +70,11 @@ def run(args: argparse.Namespace) -> int:
         raise OptionError(f"{opt}: {exc}") from None
     if not 0.0 <= args.holdout <= 0.5:
         raise OptionError(f"--holdout {args.holdout}: give a share between 0 and 0.5 (default 0.1)")
+    if not 0.0 <= args.jitter <= 100.0:
+        raise OptionError(f"--jitter {args.jitter}: give a scale between 0 (off) and 100 (UniAD uses 20)")
     settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                              device=args.device, progress=not args.no_progress, holdout=args.holdout,
-                             compile=args.compile)
+                             compile=args.compile, jitter=args.jitter)
     path, record = train_run(args.data, args.out, config, settings)
     summary = {k: v for k, v in record.items() if k != "history"}
     (Path(args.out) / "train.json").write_text(json.dumps(record, indent=2) + "\n")

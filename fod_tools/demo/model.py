@@ -75,7 +75,6 @@ class DemoRecipe:
         lr: Adam learning rate.
         train_images: good frames to train on.
         epochs: training epochs.
-        jitter: feature jitter scale of the training (:attr:`fod.train.TrainSettings.jitter`).
         calib_good: held-out good frames for the threshold.
         calib_defect: frames with a defect fully inside the ROI, for recall in the report.
         target_far: false-alarm rate the threshold aims at, per frame.
@@ -98,7 +97,6 @@ class DemoRecipe:
     lr: float = 3e-4
     train_images: int = 100
     epochs: int = 12
-    jitter: float = 0.0
     calib_good: int = 300
     calib_defect: int = 40
     target_far: float = 0.02
@@ -305,8 +303,7 @@ def _train(
         ) from exc
     config = FODConfig(image_size=recipe.image_size, levels=recipe.levels, d_models=recipe.d_models)
     settings = TrainSettings(
-        epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr, seed=recipe.seed, progress=progress,
-        jitter=recipe.jitter,
+        epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr, seed=recipe.seed, progress=progress
     )
     say(f"demo model: training ({recipe.epochs} epochs)")
     model, record = train_model(images, config, settings)

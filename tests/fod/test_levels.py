@@ -175,3 +175,24 @@ def test_checkpoint_of_the_previous_format_still_loads(tmp_path: Path):
     x = torch.randint(0, 256, (1, 64, 64, 3), dtype=torch.uint8)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x)[0], model(x)[0])
+
+
+def test_feature_jitter_perturbs_the_input_not_the_target():
+    """``TrainSettings.jitter``: the level sees noisy tokens, the loss compares with the clean ones."""
+    from fod.model import FODLevel
+    from fod.train import _step_loss
+
+    torch.manual_seed(0)
+    level = FODLevel(16, (4, 4), 32, 8, 1, 2)
+    x = torch.randn(2, 16, 16)
+    seen: list[torch.Tensor] = []
+    level.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
+    clean, _ = _step_loss([level], [x], 0.5, 0.5, 0.0)
+    noisy, _ = _step_loss([level], [x], 0.5, 0.5, 20.0)
+    assert torch.equal(seen[0], x)
+    noise = seen[1] - x
+    expected_std = float((x.norm(dim=-1) * 20.0 / 16).mean())
+    assert 0.7 * expected_std < float(noise.std()) < 1.3 * expected_std
+    assert not torch.equal(clean, noisy)
+    again, _ = _step_loss([level], [x], 0.5, 0.5, 0.0)
+    assert torch.equal(clean, again)  # no jitter: deterministic, the input untouched
