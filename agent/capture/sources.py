@@ -106,9 +106,12 @@ class VideoCaptureSource(Source):
         width_px, height_px, fps: requested from camera drivers (ignored for other kinds).
         open_timeout_s, read_timeout_s: limits of opening and of one read for cameras and URLs, s
             (OpenCV's FFmpeg and V4L2 back-ends honour them; a read past it returns ``ok=False``).
+        max_side_px: refuse a source whose announced frame size (``CAP_PROP_FRAME_WIDTH/HEIGHT``)
+            has a larger side, before any frame is read (``cameras.max_frame_side_px``); None = no limit.
 
     Raises:
-        CameraError: OpenCV cannot open it (the message names the source and what to check).
+        CameraError: OpenCV cannot open it, or its frames are over ``max_side_px`` (the message names
+            the source and what to check).
     """
 
     def __init__(
@@ -121,6 +124,7 @@ class VideoCaptureSource(Source):
         fps: float | None = None,
         open_timeout_s: float | None = None,
         read_timeout_s: float | None = None,
+        max_side_px: int | None = None,
     ) -> None:
         self.kind = kind
         self.live = kind != "file"
@@ -159,6 +163,13 @@ class VideoCaptureSource(Source):
                 self._cap.set(cv2.CAP_PROP_FRAME_HEIGHT, height_px)
             if fps:
                 self._cap.set(cv2.CAP_PROP_FPS, fps)
+        width, height = (int(self._cap.get(p) or 0) for p in (cv2.CAP_PROP_FRAME_WIDTH, cv2.CAP_PROP_FRAME_HEIGHT))
+        if max_side_px is not None and max(width, height) > max_side_px:
+            self._cap.release()
+            raise CameraError(
+                f"{kind} source {target!r} delivers {width}x{height} px frames, larger than "
+                f"cameras.max_frame_side_px = {max_side_px}; set a smaller width_px/height_px or raise the limit"
+            )
         reported = float(self._cap.get(cv2.CAP_PROP_FPS) or 0.0)
         self.fps = reported if math.isfinite(reported) and reported > 0 else None
         self._index = -1
@@ -325,4 +336,5 @@ def open_source(config: CameraConfig, override: Any = None) -> Source:
         fps=config.fps,
         open_timeout_s=config.open_timeout_s,
         read_timeout_s=config.read_timeout_s,
+        max_side_px=config.max_frame_side_px,
     )

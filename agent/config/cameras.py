@@ -92,7 +92,8 @@ class CameraConfig(_Section):
         le=65536,
         description="frames wider or taller than this (px) are dropped and counted "
         "(fod_frames_broken_total{reason=\"too_large\"}) before any crop, render or snapshot allocates for them; "
-        "image files of a folder source are checked from their header, before decoding",
+        "image files of a folder source are checked from their header before decoding, video sources from the frame "
+        "size they announce when opened",
     )
     stale_after_s: float = Field(
         default=5.0,

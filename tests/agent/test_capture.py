@@ -497,3 +497,24 @@ def test_an_oversized_file_is_refused_from_its_header_before_decoding(tmp_path):
     ok_read, raw = source.read()
     frame, reason = check_frame(raw, source="cam0")
     assert reason is None and frame is not None and frame.shape == (32, 32, 3)
+
+
+def test_a_video_with_oversized_frames_is_refused_at_open(tmp_path):
+    """Issue 14 item 10: the frame size a video source announces is checked before any frame is read."""
+    import cv2
+    import numpy as np
+
+    from agent.capture.sources import VideoCaptureSource
+    from agent.errors import CameraError
+
+    path = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 5.0, (320, 240))
+    for i in range(3):
+        writer.write(np.full((240, 320, 3), 40 * i, np.uint8))
+    writer.release()
+    with pytest.raises(CameraError, match=r"320x240 px frames, larger than cameras.max_frame_side_px = 200"):
+        VideoCaptureSource(str(path), "file", max_side_px=200)
+    source = VideoCaptureSource(str(path), "file", max_side_px=320)
+    ok, frame = source.read()
+    source.release()
+    assert ok and frame.shape == (240, 320, 3)
