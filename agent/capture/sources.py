@@ -23,9 +23,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import cv2
 
+from agent.capture.status import TOO_LARGE
 from agent.config import CameraConfig, SourceKind
 from agent.errors import CameraError
-from agent.capture.status import TOO_LARGE
 from fod.errors import ImageTooLarge, InputError
 from fod.preprocess import IMAGE_SUFFIXES, read_image
 
@@ -220,7 +220,8 @@ class FolderSource(Source):
 
     def read(self) -> tuple[bool, Any]:
         """Decode the next file: ``(True, None)`` when it cannot be decoded, ``(True, TOO_LARGE)`` when its
-        header is over ``max_side_px``, ``(False, None)`` at the end."""
+        header is over ``max_side_px``, ``(False, None)`` at the end.
+        """
         if self._next >= len(self.files):
             return False, None
         path = self.files[self._next]

@@ -167,7 +167,8 @@ class LinkState:
         if expiry_s > 0 and self.config.protocol == "5":
             properties = Properties(PacketTypes.PUBLISH)
             properties.MessageExpiryInterval = expiry_s
-        if not self._fits(topic, payload, qos, 5 if properties is not None else 0):  # the broker would drop the connection: never send it
+        # the broker would drop the connection: never send it
+        if not self._fits(topic, payload, qos, 5 if properties is not None else 0):
             self._m_dropped.labels(kind, "too_large").inc()
             log.warning(
                 "%s message on %s not published: %d bytes exceed the broker's maximum packet size %s",

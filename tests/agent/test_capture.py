@@ -483,7 +483,8 @@ def test_an_oversized_file_is_refused_from_its_header_before_decoding(tmp_path):
     with pytest.raises(InputError):  # without the limit it reaches the decoder, which finds no pixel data
         decode_image(bomb, source="bomb.png")
     ok, big = cv2.imencode(".jpg", np.zeros((40, 300, 3), np.uint8))
-    assert ok and header_size(big.tobytes()) == (300, 40)
+    assert ok
+    assert header_size(big.tobytes()) == (300, 40)
     assert decode_image(big.tobytes(), max_side_px=300).shape == (40, 300, 3)  # the limit itself is allowed
     with pytest.raises(ImageTooLarge):
         decode_image(big.tobytes(), max_side_px=299)
@@ -496,7 +497,9 @@ def test_an_oversized_file_is_refused_from_its_header_before_decoding(tmp_path):
     assert check_frame(raw, source="cam0") == (None, "too_large")
     ok_read, raw = source.read()
     frame, reason = check_frame(raw, source="cam0")
-    assert reason is None and frame is not None and frame.shape == (32, 32, 3)
+    assert reason is None
+    assert frame is not None
+    assert frame.shape == (32, 32, 3)
 
 
 def test_a_video_with_oversized_frames_is_refused_at_open(tmp_path):
@@ -517,4 +520,5 @@ def test_a_video_with_oversized_frames_is_refused_at_open(tmp_path):
     source = VideoCaptureSource(str(path), "file", max_side_px=320)
     ok, frame = source.read()
     source.release()
-    assert ok and frame.shape == (240, 320, 3)
+    assert ok
+    assert frame.shape == (240, 320, 3)
