@@ -42,10 +42,11 @@ log = logging.getLogger(__name__)
 #: bump when anything below changes what the demo package contains; a cached package with another
 #: recipe is rebuilt
 RECIPE_VERSION = 3
-#: what the first-run message announces (docs/benchmarks.md, "Shared CPUs"): the build on 2 idle cores
-#: in s (39 s measured in issue 15), and on 2 cores shared with a busy process under a heavy background
-#: in minutes (576 s measured)
-BUILD_IDLE_S = 40
+#: what the first-run message announces (docs/benchmarks.md, "Shared CPUs"), recipe 3: the build on 2 idle
+#: cores in s (48-57 s measured), beside one busy process in s (73 s measured), and under a heavy
+#: background in minutes (recipe 2 took 576 s at a load average of 8-10)
+BUILD_IDLE_S = 55
+BUILD_ONE_BUSY_S = 75
 BUILD_BUSY_MIN = 10
 
 
@@ -99,7 +100,7 @@ class DemoRecipe:
     epochs: int = 12
     calib_good: int = 300
     calib_defect: int = 40
-    target_far: float = 0.02
+    target_far: float = 0.03
     margin_k: float = 0.5
     seed: int = 2024
 
@@ -214,7 +215,8 @@ def ensure_demo_package(
         say(
             f"demo model: first run, building it in {root} (training on {recipe.train_images} synthetic "
             f"good parts at {recipe.image_size} px, export, calibration; about {BUILD_IDLE_S} s on 2 free cores, "
-            f"up to {BUILD_BUSY_MIN} minutes while other programs keep the CPU busy; cached afterwards)"
+            f"{BUILD_ONE_BUSY_S} s beside one busy program, up to {BUILD_BUSY_MIN} minutes while many keep the CPU "
+            "busy; cached afterwards)"
         )
         images = _good_images(recipe, recipe.train_images, seed=recipe.seed)
         run_dir = work / "fod-demo"
