@@ -69,3 +69,30 @@ def test_the_demo_model_catches_the_defects_it_shows(tmp_path):
     assert labelled["recall"] >= 0.8, labelled
     assert labelled["far"] <= 0.03, labelled  # the recipe's target_far
     assert cached_package(DEMO_RECIPE, tmp_path) == pkg  # the next start finds it
+
+
+def test_training_threads_leave_the_cores_other_programs_keep_busy():
+    """Issue 15 item 1: beside a busy program the demo trains on fewer threads (an OpenMP thread sharing
+    a core with it makes every operator wait); a real spinning process is measured from /proc/stat."""
+    import os
+    import subprocess
+    import sys
+
+    from fod_tools.demo.model import busy_cores, training_threads
+
+    n = os.cpu_count() or 1
+    assert training_threads(n, busy=0.0) == n
+    assert training_threads(n, busy=0.5) == n  # start-up noise does not take a core
+    assert training_threads(n, busy=1.0) == max(1, n - 1)
+    assert training_threads(n, busy=n + 3.0) == 1
+    assert training_threads(1, busy=0.0) == 1
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        busy = busy_cores(0.5)
+    finally:
+        spinner.kill()
+        spinner.wait(5)
+    if busy is None:  # not Linux: nothing measured, the thread count is left alone
+        assert training_threads(n) == n
+    else:
+        assert busy >= 0.6
