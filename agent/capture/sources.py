@@ -229,16 +229,11 @@ class FolderSource(Source):
         self.last_id = path.name
         try:
             return True, read_image(str(path), max_side_px=self.max_side_px)
-        except ImageTooLarge as exc:
-            if path not in self._warned:
-                self._warned.add(path)
-                log.warning("skipped: %s", exc)
-            return True, TOO_LARGE
         except InputError as exc:
             if path not in self._warned:  # named once per file and pass over the folder
                 self._warned.add(path)
                 log.warning("skipped: %s", exc)  # the message names the file
-            return True, None
+            return True, TOO_LARGE if isinstance(exc, ImageTooLarge) else None
 
 
 class ObjectSource(Source):

@@ -262,25 +262,17 @@ def describe_quality(summary: dict[str, Any]) -> str:
 
 
 def busy_cores(window_s: float = 0.3) -> float | None:
-    """Cores other programs keep busy, measured from ``/proc/stat`` over ``window_s`` s (Linux; else None).
+    """Cores other programs keep busy, measured with ``psutil.cpu_percent`` over ``window_s`` s.
 
     The caller sleeps while sampling, so the busy time is the other programs'. Returns cores, e.g. 1.0
-    for one process spinning on a 2-core machine.
+    for one process spinning on a 2-core machine; None without psutil (a dependency of the demo's
+    embedded broker, amqtt).
     """
-    def sample() -> tuple[int, int] | None:
-        try:
-            fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        except (OSError, ValueError):
-            return None
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-        return sum(fields[:8]) - idle, sum(fields[:8])
-
-    first = sample()
-    time.sleep(window_s)
-    second = sample()
-    if first is None or second is None or second[1] <= first[1]:
+    try:
+        import psutil
+    except ImportError:
         return None
-    return (second[0] - first[0]) / (second[1] - first[1]) * (os.cpu_count() or 1)
+    return float(psutil.cpu_percent(interval=window_s)) / 100.0 * (os.cpu_count() or 1)
 
 
 def training_threads(threads: int, busy: float | None = None) -> int:

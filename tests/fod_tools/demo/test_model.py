@@ -73,7 +73,7 @@ def test_the_demo_model_catches_the_defects_it_shows(tmp_path):
 
 def test_training_threads_leave_the_cores_other_programs_keep_busy():
     """Issue 15 item 1: beside a busy program the demo trains on fewer threads (an OpenMP thread sharing
-    a core with it makes every operator wait); a real spinning process is measured from /proc/stat."""
+    a core with it makes every operator wait); a real spinning process is measured (psutil)."""
     import os
     import subprocess
     import sys
@@ -92,7 +92,7 @@ def test_training_threads_leave_the_cores_other_programs_keep_busy():
     finally:
         spinner.kill()
         spinner.wait(5)
-    if busy is None:  # not Linux: nothing measured, the thread count is left alone
+    if busy is None:  # no psutil: nothing measured, the thread count is left alone
         assert training_threads(n) == n
     else:
         assert busy >= 0.6
