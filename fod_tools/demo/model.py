@@ -41,12 +41,12 @@ log = logging.getLogger(__name__)
 
 #: bump when anything below changes what the demo package contains; a cached package with another
 #: recipe is rebuilt
-RECIPE_VERSION = 3
-#: what the first-run message announces (docs/benchmarks.md, "Shared CPUs"), recipe 3: the build on 2 idle
-#: cores in s (44-57 s measured), beside one busy process in s (63 s measured, training on the free
+RECIPE_VERSION = 4
+#: what the first-run message announces (docs/benchmarks.md, "Shared CPUs"), recipe 4: the build on 2 idle
+#: cores in s (35-45 s measured), beside one busy process in s (45-51 s measured, training on the free
 #: core), and under a heavy background in minutes (recipe 2 took 576 s at a load average of 8-10)
-BUILD_IDLE_S = 55
-BUILD_ONE_BUSY_S = 65
+BUILD_IDLE_S = 45
+BUILD_ONE_BUSY_S = 55
 BUILD_BUSY_MIN = 10
 
 
@@ -95,7 +95,7 @@ class DemoRecipe:
     levels: tuple[tuple[int, ...], ...] = ((16,),)
     d_models: tuple[int, ...] = (256,)
     batch_size: int = 4
-    lr: float = 3e-4
+    lr: float = 5e-4
     train_images: int = 100
     epochs: int = 12
     calib_good: int = 300
@@ -393,9 +393,16 @@ def _export_package(run_dir: Path, pkg_dir: Path, parity_images: np.ndarray | No
 
 
 def _calibrate(pkg_dir: Path, recipe: DemoRecipe, work: Path, *, progress: bool) -> dict[str, Any]:
-    """Write held-out good and defect frames as PNG, calibrate the package on them, save the manifest."""
+    """Write held-out good and defect frames as PNG, calibrate the package on them, save the manifest.
+
+    The frames are written at the model's input size: the package's preprocessing leaves them as they
+    are, so the scores equal those of the full ROI crops, and a 128 px PNG is written and read several
+    times faster than a 400 px one (docs/benchmarks.md, "Shared CPUs").
+    """
     from calibration.cli_calibrate import calibrate
     from fod.package import ModelPackage
+
+    size = (recipe.image_size, recipe.image_size)
 
     good_dir, bad_dir = work / "good", work / "defect"
     good_dir.mkdir(parents=True)
@@ -406,13 +413,13 @@ def _calibrate(pkg_dir: Path, recipe: DemoRecipe, work: Path, *, progress: bool)
     good_paths = []
     for i, frame in enumerate(good_frames):
         path = good_dir / f"good_{i:04d}.png"
-        cv2.imwrite(str(path), crop_roi(frame, recipe.roi_px))
+        cv2.imwrite(str(path), to_model_input(crop_roi(frame, recipe.roi_px), size))
         good_paths.append(path)
     bad_frames, kinds = _defect_frames(recipe, recipe.calib_defect, seed=recipe.seed + 2)
     bad_paths = []
     for i, (frame, kind) in enumerate(zip(bad_frames, kinds)):
         path = bad_dir / f"{kind}_{i:04d}.png"
-        cv2.imwrite(str(path), crop_roi(frame, recipe.roi_px))
+        cv2.imwrite(str(path), to_model_input(crop_roi(frame, recipe.roi_px), size))
         bad_paths.append(path)
     pkg = ModelPackage(pkg_dir)
     calibration = calibrate(
