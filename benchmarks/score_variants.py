@@ -6,8 +6,9 @@ level's components on the test split and on the run's held-out good images (``tr
 ``holdout_files``) and evaluates, without retraining:
 
 * the component: ``paper`` (rec x inter), ``rec``, ``inter``, ``disc`` (the raw inter discrepancy),
-  ``rec*disc``, and ``refd`` (squared distance of the pooled feature to the reference mean map: no
-  transformer at all, a floor);
+  ``rec*disc``, and ``refd`` (squared distance of the pooled feature to the reference mean map, or with
+  ``reference = "nearest"`` to its nearest memory-bank patch, i.e. kNN on the coreset: no transformer at
+  all, a floor);
 * the levels: each alone and both fused;
 * the normalisation before the fusion: ``global`` (one mean/std per level on the held-out maps, the
   product's rule), ``pos`` (mean/std per pixel position) and ``posmean`` (mean per position, global std).
@@ -16,7 +17,8 @@ Maps are upsampled (bilinear, align_corners) to the input size, fused as ``mean_
 (Gaussian sigma 4) and scored by their max, as in the graph. Prints image and pixel AUROC per variant
 (``--pro`` adds PRO for fused variants; slow). Usage::
 
-    python benchmarks/score_variants.py RUN --data ../shared/data/magnetic-tile [--pro]
+    python benchmarks/score_variants.py RUN --data ../shared/data/magnetic-tile [--pro] \\
+        [--kinds rec,paper] [--norms global]
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ def components(model: FODModel, paths: list[Path], batch: int = 8) -> dict[str, 
             recon, maps = level(tokens)
             rec = (tokens - recon).square().mean(-1) + 1.0 - F.cosine_similarity(tokens, recon, dim=-1, eps=1e-8)
             disc = torch.stack([symmetric_kl(m.inter_attn, m.inter_target) for m in maps]).mean(0)
-            refd = (tokens - level.reference).square().mean(-1)
+            ref = level.reference if level.bank is None else level.bank_patches(level.nearest(tokens))
+            refd = (tokens - ref).square().mean(-1)
             for key, value in (("rec", rec), ("disc", disc), ("refd", refd)):
                 out.setdefault(f"{key}{li}", []).append(value.reshape(-1, *level.grid).numpy())
     return {k: np.concatenate(v) for k, v in out.items()}
@@ -103,6 +106,8 @@ def main() -> None:
     parser.add_argument("run", type=Path, help="fod train run folder (trained with --holdout)")
     parser.add_argument("--data", type=Path, required=True, help="MVTec-layout root of the run's data")
     parser.add_argument("--pro", action="store_true", help="also PRO for the fused variants (slow)")
+    parser.add_argument("--kinds", default=",".join(KINDS), help=f"components to try (default {','.join(KINDS)})")
+    parser.add_argument("--norms", default=",".join(NORMS), help=f"normalisations to try (default {','.join(NORMS)})")
     args = parser.parse_args()
     model, _ = load_checkpoint(args.run)
     model.eval()
@@ -114,9 +119,9 @@ def main() -> None:
     masks = np.stack([load_mask(s, (size, size)) for s in samples])
     labels = np.array([s.label for s in samples])
     n_levels = len(model.levels)
-    for kind in KINDS:
+    for kind in args.kinds.split(","):
         for levels in [(i,) for i in range(n_levels)] + ([tuple(range(n_levels))] if n_levels > 1 else []):
-            for norm in NORMS:
+            for norm in args.norms.split(","):
                 maps = fused_maps(test, held, kind, levels, norm, size)
                 line = (f"{kind:9s} levels {','.join(map(str, levels)):4s} {norm:8s} "
                         f"image AUROC {image_auroc(labels, maps.reshape(len(maps), -1).max(1)):.3f} "

@@ -22,6 +22,10 @@ from fod.backbone import STRIDES, FeatureExtractor
 from fod.errors import CheckpointError
 
 EPS_KL = 1e-4  # fod-method.md section 3.1
+REFERENCES = ("mean", "nearest")
+"""Values of :attr:`FODConfig.reference`."""
+SCORES = ("rec*inter", "rec")
+"""Values of :attr:`FODConfig.score`."""
 
 
 @dataclass
@@ -46,6 +50,18 @@ class FODConfig:
             (each level on the scale of its own good-image spread, so no level dominates because its
             values are larger); when None, as the reference's plain average. Folded into the exported
             graph as constants.
+        reference: what each token's inter branch attends to (fod-method.md section 2.4).
+            ``"mean"``: the reference's mean training feature map, one per level (position by
+            position). ``"nearest"``: for every token its nearest training patch from a memory bank
+            (``bank_size`` patches per level, PatchCore's retrieval; Roth et al., CVPR 2022, section
+            3.2), laid out on the token's own position, so parts that are not aligned still meet a
+            matching normal patch at the same place and the inter target keeps its meaning.
+        bank_size: memory-bank patches per level for ``reference = "nearest"`` (0 with ``"mean"``).
+            Saved in the checkpoint and folded into the exported graph as a constant.
+        score: the test-time patch score (:meth:`FODLevel.patch_scores`). ``"rec*inter"``: the
+            reference's reconstruction error times the within-image inter score (fod-method.md
+            section 4, steps 1-4). ``"rec"``: the reconstruction error alone (step 1); with the
+            nearest-patch reference it separates better on magnetic-tile (docs/results.md, third round).
     """
 
     backbone: str = "efficientnet_lite0"
@@ -59,6 +75,9 @@ class FODConfig:
     lambda2: float = 0.5
     smooth_sigma: float = 4.0
     level_norm: tuple[tuple[float, float], ...] | None = None
+    reference: str = "mean"
+    bank_size: int = 0
+    score: str = "rec*inter"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -111,6 +130,15 @@ class FODConfig:
         if any(d % self.heads or d % 4 for d in self.d_models):
             raise CheckpointError(
                 f"d_models {list(self.d_models)}: each must be a multiple of heads ({self.heads}) and of 4"
+            )
+        if self.reference not in REFERENCES:
+            raise CheckpointError(f"reference {self.reference!r}: choose from {list(REFERENCES)}")
+        if self.score not in SCORES:
+            raise CheckpointError(f"score {self.score!r}: choose from {list(SCORES)}")
+        if (self.reference == "nearest") != (self.bank_size > 0):
+            raise CheckpointError(
+                f"bank_size {self.bank_size} with reference {self.reference!r}: the nearest-patch reference needs a "
+                "memory bank of at least 1 patch per level (e.g. 16384), the mean reference none (0)"
             )
         if self.level_norm is not None:
             if len(self.level_norm) != len(self.levels) or any(
@@ -291,7 +319,7 @@ class EncoderLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, ref: torch.Tensor, dist: tuple[torch.Tensor, torch.Tensor], training_maps: bool
     ) -> tuple[torch.Tensor, LayerMaps]:
-        """``x`` ``[N, L, d]``, ``ref`` ``[1, S, d]`` embedded reference -> ``[N, L, d]`` and the maps."""
+        """``x`` ``[N, L, d]``, ``ref`` ``[1 or N, S, d]`` embedded reference -> ``[N, L, d]`` and the maps."""
         a, intra_attn = self.intra(x, self.intra.split(self.intra.k(x)), self.intra.split(self.intra.v(x)))
         b, inter_attn = self.inter(x, self.inter.split(self.inter.k(ref)), self.inter.split(self.inter.v(ref)))
         y = self.norm1(a - b)
@@ -312,15 +340,22 @@ class FODLevel(nn.Module):
         d: model width; heads, layers, ffn_mult: see :class:`FODConfig`.
 
     Buffers: ``reference`` ``[1, L, C]`` (mean training feature per position), ``pos`` ``[1, L, d]``,
-    ``dist_y`` ``[L, h]`` / ``dist_x`` ``[L, w]`` (not saved).
+    ``dist_y`` ``[L, h]`` / ``dist_x`` ``[L, w]`` (not saved), and with ``bank_size`` > 0 ``bank``
+    ``[C, bank_size]`` and ``bank_norm`` ``[bank_size]``: the memory bank of the nearest-patch reference
+    (:attr:`FODConfig.reference`), one patch per column (the search's matmul reads it as stored and the
+    lookup gathers columns, so the exported graph holds one copy), and each patch's squared norm.
     """
 
     pos: torch.Tensor
     dist_y: torch.Tensor
     dist_x: torch.Tensor
     reference: torch.Tensor
+    bank: torch.Tensor | None
+    bank_norm: torch.Tensor | None
 
-    def __init__(self, channels: int, grid: tuple[int, int], d: int, heads: int, layers: int, ffn_mult: int) -> None:
+    def __init__(
+        self, channels: int, grid: tuple[int, int], d: int, heads: int, layers: int, ffn_mult: int, bank_size: int = 0
+    ) -> None:
         super().__init__()
         h, w = grid
         self.grid = grid
@@ -336,6 +371,8 @@ class FODLevel(nn.Module):
         self.register_buffer("dist_y", dist_y, persistent=False)  # derived from the grid, not saved
         self.register_buffer("dist_x", dist_x, persistent=False)
         self.register_buffer("reference", torch.zeros(1, h * w, channels))
+        self.register_buffer("bank", torch.zeros(channels, bank_size) if bank_size > 0 else None)
+        self.register_buffer("bank_norm", torch.zeros(bank_size) if bank_size > 0 else None)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         """Drop the ``[L, L]`` distance maps that checkpoints before the separable target saved."""
@@ -343,32 +380,82 @@ class FODLevel(nn.Module):
             state_dict.pop(key, None)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, tokens: torch.Tensor, training_maps: bool = False) -> tuple[torch.Tensor, list[LayerMaps]]:
+    def set_bank(self, patches: torch.Tensor) -> None:
+        """Store ``patches`` ``[bank_size, C]`` float32 as the memory bank (and their squared norms)."""
+        if self.bank is None or self.bank_norm is None:
+            raise RuntimeError("this FOD level has no memory bank (reference 'mean')")
+        self.bank.copy_(patches.t())
+        self.bank_norm.copy_(patches.square().sum(-1))
+
+    def bank_patches(self, index: torch.Tensor) -> torch.Tensor:
+        """Bank patches by index: ``[N, L]`` int64 -> ``[N, L, C]`` float32 (ONNX ``Gather`` axis 1)."""
+        if self.bank is None:
+            raise RuntimeError("this FOD level has no memory bank (reference 'mean')")
+        return self.bank[:, index].permute(1, 2, 0)
+
+    def nearest(self, tokens: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
+        """Indices of each token's nearest bank patch (squared Euclidean distance).
+
+        Args:
+            tokens: ``[N, L, C]`` float32.
+            exclude: ``[N, bank_size]`` bool, bank patches a token may not pick (in training, the
+                patches of its own image); None allows all.
+
+        Returns:
+            ``[N, L]`` int64 indices into ``bank``.
+
+        Raises:
+            RuntimeError: the level has no memory bank.
+        """
+        if self.bank is None or self.bank_norm is None:
+            raise RuntimeError("this FOD level has no memory bank (reference 'mean')")
+        # ||x - b||^2 = ||x||^2 - 2 x.b + ||b||^2; ||x||^2 does not change the argmin
+        dist = self.bank_norm - 2.0 * torch.matmul(tokens, self.bank)  # [N, L, M]
+        if exclude is not None:
+            dist = dist.masked_fill(exclude[:, None, :], float("inf"))
+        return dist.argmin(-1)
+
+    def forward(
+        self, tokens: torch.Tensor, training_maps: bool = False, ref_index: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[LayerMaps]]:
         """Reconstruct tokens.
 
         Args:
             tokens: ``[N, L, C]`` pooled backbone features, row-major.
             training_maps: also return the intra maps and targets (training only).
+            ref_index: ``[N, L]`` int64 bank indices of the nearest-patch reference, computed once
+                before training (own image excluded); None searches the bank (inference). Ignored
+                with the mean reference.
 
         Returns:
             reconstruction ``[N, L, C]`` and one :class:`LayerMaps` per layer.
         """
         x = self.embed(tokens) + self.pos
-        ref = self.ref_embed(self.reference) + self.pos  # same for all layers (reference quirk 3)
+        if self.bank is None:
+            reference = self.reference  # [1, L, C]
+        else:
+            reference = self.bank_patches(self.nearest(tokens) if ref_index is None else ref_index)  # [N, L, C]
+        ref = self.ref_embed(reference) + self.pos  # same for all layers (reference quirk 3)
         maps = []
         for layer in self.layers:
             x, m = layer(x, ref, (self.dist_y, self.dist_x), training_maps)
             maps.append(m)
         return self.head(self.norm(x)), maps
 
-    def patch_scores(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Test-time patch score ``rec_i * inter_i`` (fod-method.md section 4, steps 1-4).
+    def patch_scores(self, tokens: torch.Tensor, score: str = "rec*inter") -> torch.Tensor:
+        """Test-time patch score: ``rec_i * inter_i`` (fod-method.md section 4, steps 1-4) or ``rec_i``.
+
+        Args:
+            tokens: ``[N, L, C]`` float32.
+            score: :attr:`FODConfig.score`.
 
         Returns:
             ``[N, 1, h, w]`` float32.
         """
         recon, maps = self(tokens)
         rec = (tokens - recon).square().mean(-1) + 1.0 - F.cosine_similarity(tokens, recon, dim=-1, eps=1e-8)
+        if score == "rec":
+            return rec.reshape(-1, 1, *self.grid)
         disc = torch.stack([symmetric_kl(m.inter_attn, m.inter_target) for m in maps]).mean(0)  # [N, L]
         prob = torch.softmax(-disc, dim=-1)
         inter = prob.amax(-1, keepdim=True) - prob
@@ -431,7 +518,7 @@ class FODModel(nn.Module):
         self.levels: list[FODLevel] = nn.ModuleList(  # type: ignore[assignment]
             [
                 FODLevel(sum(channels[st] for st in level), (s // min(level), s // min(level)), d,
-                         config.heads, config.layers, config.ffn_mult)
+                         config.heads, config.layers, config.ffn_mult, config.bank_size)
                 for level, d in zip(config.levels, config.d_models)
             ]
         )
@@ -462,7 +549,8 @@ class FODModel(nn.Module):
         """Per level the patch-score map upsampled to the input size: ``[N, 1, H, W]`` float32 each."""
         size = (self.config.image_size, self.config.image_size)
         return [
-            F.interpolate(level.patch_scores(self.tokens(f)), size=size, mode="bilinear", align_corners=True)
+            F.interpolate(level.patch_scores(self.tokens(f), self.config.score), size=size, mode="bilinear",
+                          align_corners=True)
             for level, f in zip(self.levels, inputs)
         ]
 

@@ -119,6 +119,72 @@ def level_statistics(
     return tuple(out)
 
 
+def coreset_indices(x: torch.Tensor, m: int, seed: int, dim: int = 64, pool: int = 4) -> torch.Tensor:
+    """Greedy k-center coreset (PatchCore, Roth et al. CVPR 2022, section 3.2, Algorithm 1).
+
+    Picks ``m`` rows of ``x`` so that every row lies close to a picked one: repeatedly the row
+    farthest from all picked rows. As in PatchCore the distances are taken after a random
+    projection to ``dim`` dimensions (Johnson-Lindenstrauss); to bound the time on a CPU the search
+    runs on a random pool of ``pool * m`` rows.
+
+    Args:
+        x: ``[N, C]`` float32 patch features.
+        m: rows to pick; all ``N`` rows (in order) when ``m >= N``.
+        seed: RNG seed (pool, projection, first row).
+        dim, pool: see above.
+
+    Returns:
+        ``[min(m, N)]`` int64 row indices into ``x``.
+    """
+    n = x.shape[0]
+    if m >= n:
+        return torch.arange(n)
+    g = torch.Generator().manual_seed(seed)
+    cand = torch.randperm(n, generator=g)[: pool * m]
+    z = x[cand]
+    if z.shape[1] > dim:
+        z = z @ (torch.randn(z.shape[1], dim, generator=g) / math.sqrt(dim))
+    picked = torch.empty(m, dtype=torch.int64)
+    last = int(torch.randint(len(cand), (1,), generator=g))
+    min_d = torch.full((len(cand),), float("inf"))
+    for i in range(m):
+        picked[i] = last
+        torch.minimum(min_d, (z - z[last]).square().sum(1), out=min_d)
+        last = int(min_d.argmax())
+    return cand[picked]
+
+
+@torch.no_grad()
+def fill_bank(level: Any, tokens: torch.Tensor, seed: int, batch: int = 8) -> torch.Tensor:
+    """Fill a level's memory bank from the training tokens; return each token's reference index.
+
+    The bank is a coreset (:func:`coreset_indices`) of all training patches. Each training token's
+    reference is its nearest bank patch from *another* image: at test time a normal patch is not
+    in the bank either, so training sees the distances it will meet (:attr:`FODConfig.reference`).
+
+    Args:
+        level: a :class:`~fod.model.FODLevel` with a memory bank of ``M`` patches.
+        tokens: ``[n, L, C]`` float32 training tokens (CPU).
+        seed: coreset seed.
+        batch: images per distance block (``batch * L * M`` floats of memory).
+
+    Returns:
+        ``[n, L]`` int64 bank indices.
+    """
+    n, length, channels = tokens.shape
+    flat = tokens.reshape(-1, channels)
+    picked = coreset_indices(flat, level.bank.shape[1], seed)
+    device = level.bank.device
+    level.set_bank(flat[picked].to(device))
+    owner = (picked // length).to(device)  # image of each bank patch
+    out = torch.empty(n, length, dtype=torch.int64)
+    for start in range(0, n, batch):
+        images = torch.arange(start, min(start + batch, n), device=device)
+        exclude = owner[None, :] == images[:, None]
+        out[start : start + len(images)] = level.nearest(tokens[start : start + len(images)].to(device), exclude).cpu()
+    return out
+
+
 def _use_compile(settings: TrainSettings, steps: int, device: torch.device) -> bool:
     if settings.compile is not None:
         return settings.compile
@@ -138,20 +204,27 @@ def extract_features(model: FODModel, images: np.ndarray, batch_size: int = 16) 
 
 
 def _step_loss(
-    levels: list[Any], xs: list[torch.Tensor], lambda1: float, lambda2: float, jitter: float = 0.0
+    levels: list[Any],
+    xs: list[torch.Tensor],
+    lambda1: float,
+    lambda2: float,
+    jitter: float = 0.0,
+    ref_indices: list[torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum over levels of :func:`fod.losses.fod_loss` and the stacked terms ``[levels, 7]`` (detached).
 
     ``xs``: one ``[N, L, C]`` float32 token batch per level. With ``jitter`` > 0 each level sees its
     tokens plus noise (:attr:`TrainSettings.jitter`) and is scored against the clean tokens.
+    ``ref_indices``: per level the ``[N, L]`` int64 nearest-patch reference indices (None for a mean
+    reference).
     """
     total = torch.zeros((), device=xs[0].device)
     terms = []
-    for level, x in zip(levels, xs):
+    for li, (level, x) in enumerate(zip(levels, xs)):
         x_in = x
         if jitter > 0:
             x_in = x + torch.randn_like(x) * (x.norm(dim=-1, keepdim=True) * (jitter / x.shape[-1]))
-        x_hat, maps = level(x_in, training_maps=True)
+        x_hat, maps = level(x_in, training_maps=True, ref_index=None if ref_indices is None else ref_indices[li])
         loss, t = fod_loss(x, x_hat, maps, lambda1, lambda2)
         total = total + loss
         terms.append(t)
@@ -191,13 +264,22 @@ def train_model(
     rng = np.random.default_rng(settings.seed)
     device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     config.level_norm = None
+    if config.reference == "nearest":
+        fewest = n * min((config.image_size // min(level)) ** 2 for level in config.levels)
+        if config.bank_size > fewest:
+            log.info("memory bank: %d patches asked, the %d training images give %d: using them all",
+                     config.bank_size, n, fewest)
+            config.bank_size = fewest
     model = FODModel(config).to(device)
     start = time.perf_counter()
     features = extract_features(model, images)
     feature_s = time.perf_counter() - start
     tokens = [FODModel.tokens(f[torch.from_numpy(train_idx)]) for f in features]  # [n, L, C] on CPU
+    ref_indices: list[torch.Tensor | None] = []
     for level, tok in zip(model.levels, tokens):
         level.reference.copy_(tok.mean(0, keepdim=True).to(device))  # fod-method.md 2.4
+        ref_indices.append(None if level.bank is None else fill_bank(level, tok, settings.seed))
+    bank_s = time.perf_counter() - start - feature_s
     # fused: one kernel for the whole update instead of a dozen small ops per tensor (about 6 % of a
     # demo step on one CPU thread, docs/benchmarks.md); the same arithmetic as the default loop
     optimizer = torch.optim.Adam(model.levels.parameters(), lr=settings.lr,  # type: ignore[attr-defined]
@@ -223,8 +305,9 @@ def train_model(
         term_sum = torch.zeros(len(model.levels), len(names), dtype=torch.float64)
         for step in range(steps_per_epoch):
             idx = torch.from_numpy(order[step * settings.batch_size : (step + 1) * settings.batch_size])
+            refs = [None if r is None else r[idx].to(device) for r in ref_indices]
             total, terms = step_loss(list(model.levels), [tok[idx].to(device) for tok in tokens],
-                                     config.lambda1, config.lambda2, settings.jitter)
+                                     config.lambda1, config.lambda2, settings.jitter, refs)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()
@@ -266,6 +349,7 @@ def train_model(
         "compiled": compiled,
         "jitter": settings.jitter,
         "feature_seconds": round(feature_s, 2),
+        "bank_seconds": round(bank_s, 2),
         "train_seconds": round(sum(epoch_seconds), 2),
         "epoch_seconds": [round(x, 2) for x in epoch_seconds],
         "steps_per_second": round(total_steps / max(sum(epoch_seconds), 1e-9), 3),

@@ -10,7 +10,8 @@ from typing import Any
 from fod.backbone_names import BACKBONE_NAMES  # torch-free, so that `fod --help` does not import torch
 
 # the defaults of `fod train`, chosen by the ablation in docs/results.md
-DEFAULTS: dict[str, Any] = {"epochs": 15, "image_size": 256, "levels": "16,32", "jitter": 0.0}
+DEFAULTS: dict[str, Any] = {"epochs": 15, "image_size": 256, "levels": "16,32", "jitter": 0.0,
+                            "reference": "nearest", "bank_size": 16384, "score": "rec"}
 
 
 
@@ -37,6 +38,16 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--jitter", type=float, default=DEFAULTS["jitter"],
                    help="feature jitter during training (UniAD): noise of std JITTER*|x|/C on each input token, "
                         f"the clean token as target; 0 = off (default {DEFAULTS['jitter']})")
+    p.add_argument("--reference", choices=("mean", "nearest"), default=DEFAULTS["reference"],
+                   help="what the inter branch compares each patch with: 'mean', the mean training feature at its "
+                        "position (the paper's), or 'nearest', its nearest training patch from a memory bank "
+                        f"(for parts that are not aligned). Default {DEFAULTS['reference']}")
+    p.add_argument("--bank-size", type=int, default=DEFAULTS["bank_size"],
+                   help="memory-bank patches per level for --reference nearest (a greedy coreset of the training "
+                        f"patches; default {DEFAULTS['bank_size']})")
+    p.add_argument("--score", choices=("rec*inter", "rec"), default=DEFAULTS["score"],
+                   help="test-time patch score: 'rec*inter', the paper's reconstruction error times the within-image "
+                        f"inter score, or 'rec', the reconstruction error alone. Default {DEFAULTS['score']}")
     p.add_argument("--batch-size", type=int, default=1,
                    help="images per step (default 1, the reference's; larger is faster per epoch but learns less)")
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4, the reference's)")
@@ -62,7 +73,11 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise OptionError(f"--levels {exc}") from None
     d_models = tuple(args.d_models) if args.d_models else tuple(128 if min(lv) <= 8 else 256 for lv in levels)
-    config = FODConfig(backbone=args.backbone, image_size=args.image_size, levels=levels, d_models=d_models)
+    if args.bank_size < 1:
+        raise OptionError(f"--bank-size {args.bank_size}: give at least 1 patch (default {DEFAULTS['bank_size']})")
+    config = FODConfig(backbone=args.backbone, image_size=args.image_size, levels=levels, d_models=d_models,
+                       reference=args.reference, bank_size=args.bank_size if args.reference == "nearest" else 0,
+                       score=args.score)
     try:
         config.validate()
     except CheckpointError as exc:

@@ -268,6 +268,7 @@ def test_eval_run_dir_works(tmp_path: Path, capsys: pytest.CaptureFixture[str], 
         (["--levels", "8,16", "--d-models", "64"], "--d-models: .* one width per level"),
         (["--holdout", "0.9"], r"--holdout 0\.9: give a share between 0 and 0\.5"),
         (["--jitter", "-1"], r"--jitter -1\.0: give a scale between 0 \(off\) and 100"),
+        (["--reference", "nearest", "--bank-size", "0"], r"--bank-size 0: give at least 1 patch"),
         (["--holdout", "0.1"], r"--holdout 0\.1 of 3 good images holds out 0; the level statistics need at least 2"),
     ],
 )
