@@ -56,7 +56,7 @@ def test_describe_quality_names_auroc_and_recall():
 def test_the_demo_model_catches_the_defects_it_shows(tmp_path):
     """Issue 15 item 2: the demo's recipe, built as a first run builds it, separates its own held-out
     conveyor parts. The goal (at least 90 % of defective parts NG, at most 2 % of good ones) is measured
-    on the 2-minute tally in docs/benchmarks.md (94.5 % / 1.0 %); here, on 40 defective parts and with
+    on the 2-minute tally in docs/benchmarks.md (recipe 4: 94.5 % / 1.3 % idle); here, on 40 defective parts and with
     another CPU's float rounding in mind, recall must be at least 0.8 (the previous recipe: 0.23)."""
     import json
 
