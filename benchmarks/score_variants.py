@@ -18,7 +18,7 @@ Maps are upsampled (bilinear, align_corners) to the input size, fused as ``mean_
 (``--pro`` adds PRO for fused variants; slow). Usage::
 
     python benchmarks/score_variants.py RUN --data ../shared/data/magnetic-tile [--pro] \\
-        [--kinds rec,paper] [--norms global]
+        [--kinds rec,paper,rec+refd] [--norms global] [--sigmas 2,4,8]
 """
 
 from __future__ import annotations
@@ -80,7 +80,13 @@ def component(c: dict[str, np.ndarray], level: int, kind: str) -> np.ndarray:
 
 
 def fused_maps(
-    test: dict[str, np.ndarray], held: dict[str, np.ndarray], kind: str, levels: tuple[int, ...], norm: str, size: int
+    test: dict[str, np.ndarray],
+    held: dict[str, np.ndarray],
+    kind: str,
+    levels: tuple[int, ...],
+    norm: str,
+    size: int,
+    sigma: float = 4.0,
 ) -> np.ndarray:
     """Smoothed fused anomaly maps of the test split: ``[N, size, size]`` float32."""
     def up(x: np.ndarray) -> torch.Tensor:
@@ -88,16 +94,17 @@ def fused_maps(
 
     maps = []
     for level in levels:
-        t, h = up(component(test, level, kind)), up(component(held, level, kind))
-        if norm == "global":
-            z = (t - h.mean()) / h.std()
-        elif norm == "pos":
-            z = (t - h.mean(0, keepdim=True)) / (h.std(0, keepdim=True) + 0.1 * h.std())
-        else:
-            z = (t - h.mean(0, keepdim=True)) / h.std()
-        maps.append(torch.relu(z))
+        for part in kind.split("+"):  # a hybrid "a+b": each part normalised on its own, then averaged
+            t, h = up(component(test, level, part)), up(component(held, level, part))
+            if norm == "global":
+                z = (t - h.mean()) / h.std()
+            elif norm == "pos":
+                z = (t - h.mean(0, keepdim=True)) / (h.std(0, keepdim=True) + 0.1 * h.std())
+            else:
+                z = (t - h.mean(0, keepdim=True)) / h.std()
+            maps.append(torch.relu(z))
     with torch.no_grad():
-        return GaussianSmoothing(4.0)(torch.stack(maps).mean(0))[:, 0].numpy()
+        return GaussianSmoothing(sigma)(torch.stack(maps).mean(0))[:, 0].numpy()
 
 
 def main() -> None:
@@ -107,6 +114,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="MVTec-layout root of the run's data")
     parser.add_argument("--pro", action="store_true", help="also PRO for the fused variants (slow)")
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"components to try (default {','.join(KINDS)})")
+    parser.add_argument("--sigmas", default="4", help="Gaussian smoothing sigmas in px to try (default 4, the graph's)")
     parser.add_argument("--norms", default=",".join(NORMS), help=f"normalisations to try (default {','.join(NORMS)})")
     args = parser.parse_args()
     model, _ = load_checkpoint(args.run)
@@ -121,9 +129,9 @@ def main() -> None:
     n_levels = len(model.levels)
     for kind in args.kinds.split(","):
         for levels in [(i,) for i in range(n_levels)] + ([tuple(range(n_levels))] if n_levels > 1 else []):
-            for norm in args.norms.split(","):
-                maps = fused_maps(test, held, kind, levels, norm, size)
-                line = (f"{kind:9s} levels {','.join(map(str, levels)):4s} {norm:8s} "
+            for norm, sigma in [(n, float(g)) for n in args.norms.split(",") for g in args.sigmas.split(",")]:
+                maps = fused_maps(test, held, kind, levels, norm, size, sigma)
+                line = (f"{kind:9s} levels {','.join(map(str, levels)):4s} {norm:8s} sigma {sigma:g} "
                         f"image AUROC {image_auroc(labels, maps.reshape(len(maps), -1).max(1)):.3f} "
                         f"pixel AUROC {pixel_auroc(masks, maps):.3f}")
                 if args.pro and len(levels) > 1:

@@ -10,10 +10,8 @@ from typing import Any
 from fod.backbone_names import BACKBONE_NAMES  # torch-free, so that `fod --help` does not import torch
 
 # the defaults of `fod train`, chosen by the ablation in docs/results.md
-DEFAULTS: dict[str, Any] = {"epochs": 15, "image_size": 256, "levels": "16,32", "jitter": 0.0,
-                            "reference": "nearest", "bank_size": 16384, "score": "rec"}
-
-
+DEFAULTS: dict[str, Any] = {"epochs": 10, "backbone": "efficientnet_lite1", "image_size": 320, "levels": "16,32",
+                            "jitter": 0.0, "reference": "nearest", "bank_size": 16384, "score": "rec"}
 
 def add_parser(sub: Any) -> None:
     """Register ``fod train``."""
@@ -22,10 +20,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--out", required=True, help="run folder to write checkpoint.pt and train.json into")
     p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"],
                    help=f"passes over the images (default {DEFAULTS['epochs']})")
-    p.add_argument("--backbone", default="efficientnet_lite0", choices=BACKBONE_NAMES)
+    p.add_argument("--backbone", default=DEFAULTS["backbone"], choices=BACKBONE_NAMES,
+                   help=f"frozen ImageNet backbone (default {DEFAULTS['backbone']}; lite0 is faster per frame, "
+                        "lite2 needs the backbones extra)")
     p.add_argument("--image-size", type=int, default=DEFAULTS["image_size"],
                    help=f"square model input in px, a multiple of the coarsest stride in --levels "
-                        f"(default {DEFAULTS['image_size']}; 128 to 256 on a CPU)")
+                        f"(default {DEFAULTS['image_size']}; 128 to 320 on a CPU)")
     p.add_argument("--levels", default=DEFAULTS["levels"], metavar="STRIDES",
                    help="backbone strides feeding the FOD levels, from 4, 8, 16, 32: ',' separates levels, "
                         "'+' joins strides into one level (upsampled to its finest grid and concatenated). "

@@ -196,3 +196,19 @@ def test_feature_jitter_perturbs_the_input_not_the_target():
     assert not torch.equal(clean, noisy)
     again, _ = _step_loss([level], [x], 0.5, 0.5, 0.0)
     assert torch.equal(clean, again)  # no jitter: deterministic, the input untouched
+
+
+def test_the_default_configuration_builds_with_its_pretrained_weights():
+    """`fod train`'s defaults (docs/results.md, fourth round) name a backbone whose weights the train extra installs."""
+    from fod.train_cli import DEFAULTS
+
+    config = FODConfig(backbone=DEFAULTS["backbone"], image_size=DEFAULTS["image_size"],
+                       levels=parse_levels(DEFAULTS["levels"]), d_models=(16, 16), layers=1)
+    config.validate()
+    model = FODModel(config, pretrained=True).eval()
+    with torch.no_grad():
+        features = model.level_inputs(model.backbone(torch.zeros(1, DEFAULTS["image_size"], DEFAULTS["image_size"], 3,
+                                                                 dtype=torch.uint8)))
+    size = DEFAULTS["image_size"]
+    assert [tuple(f.shape[-2:]) for f in features] == [(size // 16, size // 16), (size // 32, size // 32)]
+    assert features[0].abs().sum() > 0  # ImageNet weights, not an all-zero stub
