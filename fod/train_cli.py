@@ -13,6 +13,7 @@ from fod.backbone_names import BACKBONE_NAMES  # torch-free, so that `fod --help
 DEFAULTS: dict[str, Any] = {"epochs": 10, "backbone": "efficientnet_lite1", "image_size": 320, "levels": "16,32",
                             "jitter": 0.0, "reference": "nearest", "bank_size": 16384, "score": "rec"}
 
+
 def add_parser(sub: Any) -> None:
     """Register ``fod train``."""
     p = sub.add_parser("train", help="train a FOD model on good images", description=__doc__)

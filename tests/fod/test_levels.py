@@ -202,13 +202,14 @@ def test_the_default_configuration_builds_with_its_pretrained_weights():
     """`fod train`'s defaults (docs/results.md, fourth round) name a backbone whose weights the train extra installs."""
     from fod.train_cli import DEFAULTS
 
-    config = FODConfig(backbone=DEFAULTS["backbone"], image_size=DEFAULTS["image_size"],
+    size = DEFAULTS["image_size"]
+    config = FODConfig(backbone=DEFAULTS["backbone"], image_size=size,
                        levels=parse_levels(DEFAULTS["levels"]), d_models=(16, 16), layers=1)
     config.validate()
-    model = FODModel(config, pretrained=True).eval()
+    image = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (1, size, size, 3), dtype=np.uint8))
     with torch.no_grad():
-        features = model.level_inputs(model.backbone(torch.zeros(1, DEFAULTS["image_size"], DEFAULTS["image_size"], 3,
-                                                                 dtype=torch.uint8)))
-    size = DEFAULTS["image_size"]
+        pretrained, untrained = (FODModel(config, pretrained=p).eval() for p in (True, False))
+        features = pretrained.level_inputs(pretrained.backbone(image))
+        random_init = untrained.level_inputs(untrained.backbone(image))
     assert [tuple(f.shape[-2:]) for f in features] == [(size // 16, size // 16), (size // 32, size // 32)]
-    assert features[0].abs().sum() > 0  # ImageNet weights, not an all-zero stub
+    assert not torch.allclose(features[0], random_init[0])  # the ImageNet weights were loaded, not a random init
