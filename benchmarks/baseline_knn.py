@@ -15,7 +15,7 @@ What it does, so that the numbers say what FOD adds over plain feature matching:
   magnetic-tile, docs/results.md).
 * Score: Euclidean distance of each test patch to its nearest bank patch (exact, matmul in
   chunks), upsampled bilinearly (align_corners=True) to the input size, smoothed with the very
-  Gaussian FOD's graph uses (:class:`fod.model.GaussianSmoothing`, sigma 4, 33 taps, mirror
+  Gaussian FOD's graph uses (:class:`fod.smoothing.GaussianSmoothing`, sigma 4, 33 taps, mirror
   padding); image score = max of the smoothed map.
 * Evaluation: wrapped as a :class:`fod.runner.Runner` and scored by :func:`fod.evaluate.evaluate`,
   so image AUROC, pixel AUROC and PRO are computed exactly as for ``fod eval``.
@@ -43,8 +43,9 @@ from fod.backbone import FeatureExtractor
 from fod.data import list_images, load_images, train_folder
 from fod.errors import FodError
 from fod.evaluate import evaluate, save_grid_png
-from fod.model import GaussianSmoothing
+from fod.intensity import intensity_statistics
 from fod.runner import Runner
+from fod.smoothing import GaussianSmoothing
 
 logger = logging.getLogger("baseline_knn")
 
@@ -104,6 +105,7 @@ class KnnRunner(Runner):
         seed: int = 0,
         batch_size: int = 16,
         progress: bool = True,
+        intensity: str = "none",
     ) -> KnnRunner:
         """Build the memory bank from good training images (random subsample of all patches).
 
@@ -116,6 +118,8 @@ class KnnRunner(Runner):
             seed: seed of the random subsample.
             batch_size: images per backbone call.
             progress: tqdm bar on stderr.
+            intensity: ``fod train --intensity``'s conditioning of each frame (``none``, ``standardize``,
+                ``flat``), the target measured on all of ``train_paths`` as ``fod train`` does.
 
         Returns:
             An inactive runner.
@@ -126,7 +130,11 @@ class KnnRunner(Runner):
         """
         from tqdm import tqdm
 
-        extractor = FeatureExtractor(backbone, image_size, strides=strides)
+        target = None
+        if intensity != "none":
+            target = intensity_statistics(load_images(train_paths, (image_size, image_size)))
+        extractor = FeatureExtractor(backbone, image_size, strides=strides, intensity=target,
+                                     flat_sigma=image_size / 12 if intensity == "flat" else 0.0)
         n_patches = len(train_paths) * (image_size // min(strides)) ** 2
         keep_p = min(1.0, bank_size / n_patches) if bank_size > 0 else 1.0
         generator = torch.Generator().manual_seed(seed)
@@ -189,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--bank-size", type=int, default=0, help="random patches kept (default 0: all, exact nearest neighbour)"
     )
+    parser.add_argument("--intensity", choices=("none", "standardize", "flat"), default="none",
+                        help="per-frame conditioning as fod train --intensity (default none, the raw frame)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--no-progress", action="store_true")
@@ -205,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             bank_size=args.bank_size,
             seed=args.seed,
             progress=not args.no_progress,
+            intensity=args.intensity,
         )
         fit_s = time.perf_counter() - start
         report = evaluate(runner, args.data, batch_size=args.batch_size, progress=not args.no_progress)
@@ -227,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             "backbone": args.backbone,
             "image_size": args.image_size,
             "strides": args.strides,
+            "intensity": args.intensity,
             "n_train_images": len(paths),
             "bank_size": int(runner.bank.shape[0]),
             "feature_dim": int(runner.bank.shape[1]),

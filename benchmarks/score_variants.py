@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from fod.checkpoint import load_checkpoint
 from fod.data import load_images, load_mask, load_test_split, train_folder
 from fod.metrics import image_auroc, pixel_auroc, pro_score
-from fod.model import FODModel, GaussianSmoothing, symmetric_kl
+from fod.model import FODModel, symmetric_kl
+from fod.smoothing import GaussianSmoothing
 
 KINDS = ("paper", "rec", "inter", "disc", "rec*disc", "refd")
 NORMS = ("global", "pos", "posmean")

@@ -236,15 +236,18 @@ def select_int8_nodes(model: onnx.ModelProto, *, keep_last_matmul: bool = False,
     1. a constant subgraph (all inputs constant): folded anyway;
     2. weight not constant (activation x activation, e.g. Q K^T): attention maps stay FP32;
     3. in the scoring tail (after the last MatMul; e.g. the Gaussian smoothing Conv);
-    4. the input comes from a Softmax (attention x values);
-    5. the output reaches a Softmax without another compute op between (attention logits with
+    4. a fixed one-channel filter (a Conv whose weight has one output and one input channel: the
+       flat-field blur of the input conditioning, ``fod.intensity``): it divides the frame, where
+       INT8 rounding of the illumination would show up as texture;
+    5. the input comes from a Softmax (attention x values);
+    6. the output reaches a Softmax without another compute op between (attention logits with
        folded reference keys, the sigma projection of the RBF target);
-    6. ``keep_last_matmul``: the last MatMul of each branch (the reconstruction head);
-    7. outside ``scope``: ``transformer`` keeps every Conv FP32, ``backbone`` every MatMul / Gemm.
+    7. ``keep_last_matmul``: the last MatMul of each branch (the reconstruction head);
+    8. outside ``scope``: ``transformer`` keeps every Conv FP32, ``backbone`` every MatMul / Gemm.
 
     Args:
         model: the FP32 model with named nodes.
-        keep_last_matmul: also keep rule 6 nodes in FP32.
+        keep_last_matmul: also keep rule 7 nodes in FP32.
         scope: ``all``, ``transformer`` (MatMul / Gemm only) or ``backbone`` (Conv only).
 
     Raises:
@@ -270,6 +273,8 @@ def select_int8_nodes(model: onnx.ModelProto, *, keep_last_matmul: bool = False,
             excluded[node.name] = "weight is an activation (attention product)"
         elif i in tail:
             excluded[node.name] = "scoring tail (after the last MatMul)"
+        elif node.op_type == "Conv" and _one_channel_weight(index, node.input[1]):
+            excluded[node.name] = "one-channel filter (input flat field)"
         elif node.op_type != "Conv" and _fed_by_softmax(index, i):
             excluded[node.name] = "input is softmax probabilities"
         elif _reaches_softmax(index, i):
@@ -283,6 +288,19 @@ def select_int8_nodes(model: onnx.ModelProto, *, keep_last_matmul: bool = False,
         else:
             quantize.append(node.name)
     return Int8Selection(quantize, excluded)
+
+
+def _one_channel_weight(index: GraphIndex, name: str) -> bool:
+    """True when ``name`` (an initializer or a Constant node's output) is a ``[1, 1, kh, kw]`` Conv weight."""
+    dims: list[int] | None = None
+    for init in index.model.graph.initializer:
+        if init.name == name:
+            dims = list(init.dims)
+    if dims is None and name in index.producer:
+        node = index.model.graph.node[index.producer[name]]
+        if node.op_type == "Constant":
+            dims = next((list(a.t.dims) for a in node.attribute if a.name == "value"), None)
+    return dims is not None and len(dims) == 4 and dims[0] == 1 and dims[1] == 1
 
 
 def fp16_blocked_nodes(model: onnx.ModelProto) -> dict[str, str]:

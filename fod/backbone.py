@@ -20,6 +20,7 @@ from torch import nn
 
 from fod.backbone_names import BACKBONES  # name -> (model name, weights package, weights class)
 from fod.errors import CheckpointError
+from fod.intensity import IntensityNorm
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -60,6 +61,10 @@ class FeatureExtractor(nn.Module):
             roles of WRN50's ``layer2`` and ``layer3`` in the reference). Each is the output of the
             last block at that stride.
         pretrained: load the ImageNet weights (False only for tests of shapes).
+        intensity: per-frame intensity standardisation, ``(mean, std)`` in grey levels, or None (off,
+            the reference): :class:`fod.intensity.IntensityNorm`, before the ImageNet normalisation.
+        flat_sigma: with ``intensity``, the Gaussian sigma in px of the flat-field correction that
+            precedes the standardisation (0: none).
 
     ``forward(images)``: ``images`` uint8 ``[N, H, W, 3]`` BGR -> one float32 map per requested
     stride ``s`` in ascending order, ``[N, C_s, H/s, W/s]``, each 3x3-average-pooled.
@@ -79,8 +84,11 @@ class FeatureExtractor(nn.Module):
         *,
         strides: tuple[int, ...] = (8, 16),
         pretrained: bool = True,
+        intensity: tuple[float, float] | None = None,
+        flat_sigma: float = 0.0,
     ) -> None:
         super().__init__()
+        self.intensity = None if intensity is None else IntensityNorm(*intensity, flat_sigma=flat_sigma)
         strides = tuple(sorted(set(strides)))
         bad = [s for s in strides if s not in STRIDES]
         if bad or not strides:
@@ -121,6 +129,8 @@ class FeatureExtractor(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """See the class docstring."""
         x = images.permute(0, 3, 1, 2).index_select(1, self.bgr_to_rgb).float()
+        if self.intensity is not None:
+            x = self.intensity(x)
         x = self.stem(x * self.scale + self.shift)
         out = []
         for stage in self.stages:

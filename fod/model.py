@@ -20,6 +20,7 @@ from torch import nn
 
 from fod.backbone import STRIDES, FeatureExtractor
 from fod.errors import CheckpointError
+from fod.smoothing import GaussianSmoothing
 
 EPS_KL = 1e-4  # fod-method.md section 3.1
 REFERENCES = ("mean", "nearest")
@@ -62,6 +63,12 @@ class FODConfig:
             reference's reconstruction error times the within-image inter score (fod-method.md
             section 4, steps 1-4). ``"rec"``: the reconstruction error alone (step 1); with the
             nearest-patch reference it separates better on magnetic-tile (docs/results.md, third round).
+        intensity: per-frame intensity standardisation before the backbone, ``(mean, std)`` in grey
+            levels (:func:`fod.backbone.standardize_intensity`; ``fod train`` measures them on its
+            training images), or None (off, the reference's input). Folded into the exported graph.
+        flat_sigma: with ``intensity`` (ignored without), the sigma in px of the flat-field correction
+            before the standardisation (:class:`fod.intensity.IntensityNorm`; 0: none). ``fod train --intensity flat``
+            sets it to ``image_size / 12``.
     """
 
     backbone: str = "efficientnet_lite0"
@@ -78,6 +85,8 @@ class FODConfig:
     reference: str = "mean"
     bank_size: int = 0
     score: str = "rec*inter"
+    intensity: tuple[float, float] | None = None
+    flat_sigma: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -86,12 +95,14 @@ class FODConfig:
         d["d_models"] = list(self.d_models)
         d["levels"] = [list(level) for level in self.levels]
         d["level_norm"] = None if self.level_norm is None else [list(n) for n in self.level_norm]
+        d["intensity"] = None if self.intensity is None else list(self.intensity)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FODConfig:
         """Inverse of :meth:`to_dict` (unknown keys raise TypeError). Configs saved before ``levels``
-        and ``level_norm`` existed load as the reference's stride-8/16 pair with a plain average.
+        and ``level_norm`` existed load as the reference's stride-8/16 pair with a plain average, and
+        configs without ``intensity`` with the reference's input (no standardisation).
         """
         d = dict(d)
         d["d_models"] = tuple(d["d_models"])
@@ -99,6 +110,9 @@ class FODConfig:
             d["levels"] = tuple(tuple(int(s) for s in level) for level in d["levels"])
         if d.get("level_norm") is not None:
             d["level_norm"] = tuple((float(a), float(b)) for a, b in d["level_norm"])
+        if d.get("intensity") is not None:
+            mean, std = d["intensity"]
+            d["intensity"] = (float(mean), float(std))
         return cls(**d)
 
     @property
@@ -145,6 +159,18 @@ class FODConfig:
                 not (math.isfinite(m) and math.isfinite(sd) and sd > 0) for m, sd in self.level_norm
             ):
                 raise CheckpointError(f"level_norm {self.level_norm}: need one finite (mean, std > 0) per level")
+        if self.intensity is not None:
+            mean, std = self.intensity
+            if not (0.0 <= mean <= 255.0 and 0.0 < std <= 255.0):
+                raise CheckpointError(
+                    f"intensity {self.intensity}: need a target (mean, std) in grey levels, 0 <= mean <= 255 and "
+                    "0 < std <= 255, or None"
+                )
+        if self.flat_sigma < 0 or int(4 * self.flat_sigma + 0.5) >= self.image_size:
+            raise CheckpointError(
+                f"flat_sigma {self.flat_sigma}: the flat-field sigma must be from 0 (off) to "
+                f"{(self.image_size - 1) / 4:.0f} px at image size {self.image_size}"
+            )
 
 
 def parse_levels(text: str) -> tuple[tuple[int, ...], ...]:
@@ -462,39 +488,6 @@ class FODLevel(nn.Module):
         return (rec * inter).reshape(-1, 1, *self.grid)
 
 
-def gaussian_kernel_1d(sigma: float) -> torch.Tensor:
-    """Normalised 1-D Gaussian, radius ``int(4 sigma + 0.5)`` (scipy's truncate=4): 33 taps at sigma 4."""
-    radius = int(4.0 * sigma + 0.5)
-    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    return (k / k.sum()).float()
-
-
-class GaussianSmoothing(nn.Module):
-    """Separable Gaussian blur of ``[N, 1, H, W]`` maps with mirror padding (ONNX Pad ``reflect``).
-
-    The reference uses scipy's ``gaussian_filter`` whose ``reflect`` mode repeats the edge pixel;
-    ONNX has no such pad mode, so the graph mirrors without repeating it. The difference is
-    confined to the outer ``radius`` px and is far below the map's values there.
-    """
-
-    kx: torch.Tensor
-    ky: torch.Tensor
-
-    def __init__(self, sigma: float) -> None:
-        super().__init__()
-        k = gaussian_kernel_1d(sigma)
-        self.radius = (k.numel() - 1) // 2
-        self.register_buffer("kx", k.view(1, 1, 1, -1))
-        self.register_buffer("ky", k.view(1, 1, -1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[N, 1, H, W]`` -> ``[N, 1, H, W]`` float32."""
-        r = self.radius
-        x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), self.kx)
-        return F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), self.ky)
-
-
 class FODModel(nn.Module):
     """Frame to answer: backbone, the FOD levels, scoring, upsampling, level fusion, smoothing.
 
@@ -511,7 +504,8 @@ class FODModel(nn.Module):
         config.validate()
         self.config = config
         self.backbone = FeatureExtractor(
-            config.backbone, config.image_size, strides=config.strides, pretrained=pretrained
+            config.backbone, config.image_size, strides=config.strides, pretrained=pretrained,
+            intensity=config.intensity, flat_sigma=config.flat_sigma,
         )
         channels = dict(zip(config.strides, self.backbone.channels))
         s = config.image_size

@@ -19,6 +19,7 @@ import torch
 
 from fod.checkpoint import save_checkpoint
 from fod.errors import DataError
+from fod.intensity import intensity_statistics
 from fod.losses import TERMS, fod_loss
 from fod.model import FODConfig, FODModel
 
@@ -48,6 +49,10 @@ class TrainSettings:
             input token ``x_i`` (``C`` channels) gets Gaussian noise of std ``jitter * ||x_i|| / C`` and the
             level reconstructs the clean token, so it learns to map off-normal features back toward
             normal instead of copying them. 0 trains on clean tokens (the reference). Inference is unchanged.
+        standardize: standardise each frame's intensity before the backbone
+            (:func:`fod.backbone.standardize_intensity`), to the average mean and standard deviation of
+            the training images (:func:`fod.backbone.intensity_statistics`), which are saved in the
+            config (:attr:`FODConfig.intensity`). False keeps ``config.intensity`` as given.
     """
 
     epochs: int = 10
@@ -59,6 +64,7 @@ class TrainSettings:
     holdout: float = 0.1
     compile: bool | None = None
     jitter: float = 0.0
+    standardize: bool = False
 
 
 COMPILE_MIN_STEPS = 3000  # below this the one-off compile costs more than it saves
@@ -264,6 +270,10 @@ def train_model(
     rng = np.random.default_rng(settings.seed)
     device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     config.level_norm = None
+    if settings.standardize:
+        config.intensity = intensity_statistics(images[train_idx])
+        log.info("intensity standardisation: each frame to mean %.1f, std %.1f grey levels (the training images' "
+                 "average)", *config.intensity)
     if config.reference == "nearest":
         fewest = n * min((config.image_size // min(level)) ** 2 for level in config.levels)
         if config.bank_size > fewest:

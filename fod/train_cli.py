@@ -11,7 +11,8 @@ from fod.backbone_names import BACKBONE_NAMES  # torch-free, so that `fod --help
 
 # the defaults of `fod train`, chosen by the ablation in docs/results.md
 DEFAULTS: dict[str, Any] = {"epochs": 10, "backbone": "efficientnet_lite1", "image_size": 320, "levels": "16,32",
-                            "jitter": 0.0, "reference": "nearest", "bank_size": 16384, "score": "rec"}
+                            "jitter": 0.0, "reference": "nearest", "bank_size": 16384, "score": "rec",
+                            "intensity": "flat"}
 
 
 def add_parser(sub: Any) -> None:
@@ -49,6 +50,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--score", choices=("rec*inter", "rec"), default=DEFAULTS["score"],
                    help="test-time patch score: 'rec*inter', the paper's reconstruction error times the within-image "
                         f"inter score, or 'rec', the reconstruction error alone. Default {DEFAULTS['score']}")
+    p.add_argument("--intensity", choices=("flat", "standardize", "none"), default=DEFAULTS["intensity"],
+                   help="per-frame conditioning before the backbone, in the exported graph, for parts whose lighting "
+                        "varies: 'standardize' shifts and scales each frame to the training images' average "
+                        "brightness and contrast; 'flat' first divides out slow illumination gradients (a Gaussian "
+                        "of sigma image-size/12); 'none' feeds the raw frame (the paper's). "
+                        f"Default {DEFAULTS['intensity']}")
     p.add_argument("--batch-size", type=int, default=1,
                    help="images per step (default 1, the reference's; larger is faster per epoch but learns less)")
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4, the reference's)")
@@ -78,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         raise OptionError(f"--bank-size {args.bank_size}: give at least 1 patch (default {DEFAULTS['bank_size']})")
     config = FODConfig(backbone=args.backbone, image_size=args.image_size, levels=levels, d_models=d_models,
                        reference=args.reference, bank_size=args.bank_size if args.reference == "nearest" else 0,
-                       score=args.score)
+                       score=args.score, flat_sigma=args.image_size / 12 if args.intensity == "flat" else 0.0)
     try:
         config.validate()
     except CheckpointError as exc:
@@ -90,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
         raise OptionError(f"--jitter {args.jitter}: give a scale between 0 (off) and 100 (UniAD uses 20)")
     settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                              device=args.device, progress=not args.no_progress, holdout=args.holdout,
-                             compile=args.compile, jitter=args.jitter)
+                             compile=args.compile, jitter=args.jitter,
+                             standardize=args.intensity != "none")
     path, record = train_run(args.data, args.out, config, settings)
     summary = {k: v for k, v in record.items() if k != "history"}
     (Path(args.out) / "train.json").write_text(json.dumps(record, indent=2) + "\n")

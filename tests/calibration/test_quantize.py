@@ -158,3 +158,25 @@ def test_measure_latency_reports_timings(variants):
     assert lat["provider"] == "CPUExecutionProvider"
     assert 0 < lat["min_ms"] <= lat["p50_ms"] <= lat["p95_ms"] <= lat["max_ms"]
     assert lat["per_frame_ms"] == pytest.approx(lat["p50_ms"] / 2, rel=1e-2)
+
+
+def test_int8_keeps_the_input_flat_field_in_fp32(tmp_path: Path):
+    import torch
+
+    from fod.checkpoint import save_checkpoint
+    from fod.export import export_package
+    from fod.model import FODConfig, FODModel
+
+    torch.manual_seed(0)
+    config = FODConfig(image_size=64, levels=((16,),), d_models=(16,), heads=2, layers=1, ffn_mult=2,
+                       intensity=(110.0, 30.0), flat_sigma=64 / 12)
+    save_checkpoint(tmp_path / "run", FODModel(config, pretrained=False).eval(),
+                    {"data": {"count": 2, "sha256": "0" * 64, "root": "synthetic"}})
+    export_package(tmp_path / "run", tmp_path / "pkg")
+    model = onnx.load(str(tmp_path / "pkg" / "model.onnx"))
+    name_nodes(model)
+    sel = select_int8_nodes(model, scope="all")
+    flat = [name for name, why in sel.excluded.items() if why == "one-channel filter (input flat field)"]
+    assert len(flat) == 2  # the separable blur: one horizontal, one vertical Conv
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
+    assert sum(name in sel.quantize for name in convs) > 10  # the backbone's convolutions are still INT8

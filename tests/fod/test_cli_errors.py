@@ -282,3 +282,14 @@ def test_train_bad_level_options_exit_2_and_write_nothing(
     assert code == 2
     assert re.search(message, err), err
     assert not (tmp_path / "run").exists()
+
+
+def test_train_unknown_intensity_mode_exits_2_naming_the_choices(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--intensity", "gamma"])
+    assert exc.value.code == 2
+    assert re.search(r"--intensity: invalid choice: 'gamma' \(choose from .*flat.*standardize.*none",
+                     capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()

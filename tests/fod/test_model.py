@@ -13,14 +13,13 @@ from fod.model import (
     FODConfig,
     FODLevel,
     FODModel,
-    GaussianSmoothing,
     entropy,
-    gaussian_kernel_1d,
     rbf_target,
     sincos_position_2d,
     squared_distance_maps,
     symmetric_kl,
 )
+from fod.smoothing import GaussianSmoothing, gaussian_kernel_1d
 
 
 @pytest.mark.parametrize(("h", "w"), [(5, 5), (3, 7)])
