@@ -18,9 +18,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fod.smoothing import GaussianSmoothing
+
+FLAT_POOL = 4
+"""The flat-field blur runs on a copy average-pooled by this factor (:class:`IntensityNorm`)."""
 
 
 def standardize_intensity(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
@@ -52,8 +56,10 @@ class IntensityNorm(nn.Module):
         flat_sigma: sigma in px of the Gaussian that estimates the illumination (0: no flat-field
             correction). The frame becomes ``x * mean(luma) / (blur(luma) + 1)``, ``luma`` the channel mean:
             the illumination divided out, the frame's average brightness kept (so the standardisation's
-            one-grey-level floor keeps its meaning). The kernel must fit the frame (``4 sigma`` under
-            its height and width).
+            one-grey-level floor keeps its meaning). The blur runs on a 4x4-average-pooled copy with
+            sigma / 4 and is upsampled back bilinearly: the illumination is smooth at that scale, and a
+            full-resolution 215-tap blur at 320 px cost about 15 ms of a 75 ms CPU frame. Frame height
+            and width must be multiples of 4, and ``4 sigma / 4`` under a quarter of them.
 
     ``forward(x)``: ``[N, C, H, W]`` float32 grey levels -> the same shape, float32, in 0..255.
     The kernels are not in the ``state_dict``: they follow from ``flat_sigma``, which the config holds.
@@ -63,13 +69,15 @@ class IntensityNorm(nn.Module):
         super().__init__()
         self.mean = float(mean)
         self.std = float(std)
-        self.flat = GaussianSmoothing(flat_sigma, persistent=False) if flat_sigma > 0 else None
+        self.flat = GaussianSmoothing(flat_sigma / FLAT_POOL, persistent=False) if flat_sigma > 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """See the class docstring."""
         if self.flat is not None:
             luma = x.mean(dim=1, keepdim=True)
-            x = x * (luma.mean(dim=(2, 3), keepdim=True) / (self.flat(luma) + 1.0))
+            low = self.flat(F.avg_pool2d(luma, FLAT_POOL))
+            light = F.interpolate(low, size=x.shape[-2:], mode="bilinear", align_corners=False)
+            x = x * (luma.mean(dim=(2, 3), keepdim=True) / (light + 1.0))
         return standardize_intensity(x, self.mean, self.std)
 
 

@@ -166,10 +166,10 @@ class FODConfig:
                     f"intensity {self.intensity}: need a target (mean, std) in grey levels, 0 <= mean <= 255 and "
                     "0 < std <= 255, or None"
                 )
-        if self.flat_sigma < 0 or int(4 * self.flat_sigma + 0.5) >= self.image_size:
+        if self.flat_sigma < 0 or int(self.flat_sigma + 0.5) >= self.image_size // 4:
             raise CheckpointError(
                 f"flat_sigma {self.flat_sigma}: the flat-field sigma must be from 0 (off) to "
-                f"{(self.image_size - 1) / 4:.0f} px at image size {self.image_size}"
+                f"{self.image_size // 4 - 1} px at image size {self.image_size}"
             )
 
 

@@ -10,7 +10,7 @@ from typing import Any
 from fod.backbone_names import BACKBONE_NAMES  # torch-free, so that `fod --help` does not import torch
 
 # the defaults of `fod train`, chosen by the ablation in docs/results.md
-DEFAULTS: dict[str, Any] = {"epochs": 10, "backbone": "efficientnet_lite1", "image_size": 320, "levels": "16,32",
+DEFAULTS: dict[str, Any] = {"epochs": 12, "backbone": "efficientnet_lite1", "image_size": 320, "levels": "16,32",
                             "jitter": 0.0, "reference": "nearest", "bank_size": 16384, "score": "rec",
                             "intensity": "flat"}
 

@@ -204,8 +204,9 @@ def test_the_default_configuration_builds_with_its_pretrained_weights():
 
     size = DEFAULTS["image_size"]
     config = FODConfig(backbone=DEFAULTS["backbone"], image_size=size,
-                       levels=parse_levels(DEFAULTS["levels"]), d_models=(16, 16), layers=1)
-    config.validate()
+                       levels=parse_levels(DEFAULTS["levels"]), d_models=(16, 16), layers=1,
+                       intensity=(110.0, 30.0), flat_sigma=size / 12 if DEFAULTS["intensity"] == "flat" else 0.0)
+    config.validate()  # the flat-field sigma fod train derives fits the default size
     image = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (1, size, size, 3), dtype=np.uint8))
     with torch.no_grad():
         pretrained, untrained = (FODModel(config, pretrained=p).eval() for p in (True, False))
