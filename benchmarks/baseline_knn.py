@@ -7,6 +7,9 @@ What it does, so that the numbers say what FOD adds over plain feature matching:
   chosen strides (``--strides``, default ``8+16``) are upsampled (bilinear) to the finest one's grid
   and concatenated: one feature per patch of the finest stride (152 dims for Lite0 at 8+16, 432 at
   16+32). ``--strides`` takes FOD's ``--levels`` syntax with ``+`` so both read the same features.
+* Conditioning: ``--intensity`` (default ``none``) applies ``fod train --intensity``'s per-frame
+  flat field and standardisation (:mod:`fod.intensity`) in the feature extractor, with the target
+  measured on the training images, so the yardstick sees the frames FOD sees.
 * Memory bank: by default the patch features of **every** training image (``train/good``): an
   exact nearest neighbour over all of them, the upper bound that PatchCore's greedy coreset
   approximates (183 k patches for magnetic-tile at 128 px; about 4 minutes on 2 cores).
