@@ -64,7 +64,7 @@ class FODConfig:
             section 4, steps 1-4). ``"rec"``: the reconstruction error alone (step 1); with the
             nearest-patch reference it separates better on magnetic-tile (docs/results.md, third round).
         intensity: per-frame intensity standardisation before the backbone, ``(mean, std)`` in grey
-            levels (:func:`fod.backbone.standardize_intensity`; ``fod train`` measures them on its
+            levels (:func:`fod.intensity.standardize_intensity`; ``fod train`` measures them on its
             training images), or None (off, the reference's input). Folded into the exported graph.
         flat_sigma: with ``intensity`` (ignored without), the sigma in px of the flat-field correction
             before the standardisation (:class:`fod.intensity.IntensityNorm`; 0: none). ``fod train --intensity flat``

@@ -50,8 +50,8 @@ class TrainSettings:
             level reconstructs the clean token, so it learns to map off-normal features back toward
             normal instead of copying them. 0 trains on clean tokens (the reference). Inference is unchanged.
         standardize: standardise each frame's intensity before the backbone
-            (:func:`fod.backbone.standardize_intensity`), to the average mean and standard deviation of
-            the training images (:func:`fod.backbone.intensity_statistics`), which are saved in the
+            (:func:`fod.intensity.standardize_intensity`), to the average mean and standard deviation of
+            the training images (:func:`fod.intensity.intensity_statistics`), which are saved in the
             config (:attr:`FODConfig.intensity`). False keeps ``config.intensity`` as given.
     """
 
