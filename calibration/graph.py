@@ -27,6 +27,8 @@ INT8_OP_TYPES: tuple[str, ...] = ("Conv", "MatMul", "Gemm")
 _COMPUTE_OPS = frozenset({"Conv", "MatMul", "Gemm", "ConvTranspose"})
 #: ops whose output is a probability / log-domain quantity that must keep FP32 inputs
 _SOFTMAX_OPS = frozenset({"Softmax", "LogSoftmax"})
+#: ops that turn their input into a discrete choice: the nearest-patch search's ArgMin over bank distances
+_ARG_OPS = frozenset({"ArgMin", "ArgMax"})
 #: op types kept FP32 in the FP16 variant wherever they occur
 FP16_BLOCKED_OPS: tuple[str, ...] = (
     "Softmax",
@@ -122,8 +124,8 @@ def name_nodes(model: onnx.ModelProto) -> int:
     return renamed
 
 
-def _reaches_softmax(index: GraphIndex, start: int) -> bool:
-    """True when a Softmax is reachable from node ``start`` without crossing another compute op."""
+def _reaches(index: GraphIndex, start: int, ops: frozenset[str]) -> bool:
+    """True when an op of ``ops`` is reachable from node ``start`` without crossing another compute op."""
     seen = {start}
     queue = deque([(c, 1) for c in index.children(start)])
     while queue:
@@ -132,7 +134,7 @@ def _reaches_softmax(index: GraphIndex, start: int) -> bool:
             continue
         seen.add(i)
         op = index.model.graph.node[i].op_type
-        if op in _SOFTMAX_OPS:
+        if op in ops:
             return True
         if op in _COMPUTE_OPS:
             continue
@@ -242,12 +244,15 @@ def select_int8_nodes(model: onnx.ModelProto, *, keep_last_matmul: bool = False,
     5. the input comes from a Softmax (attention x values);
     6. the output reaches a Softmax without another compute op between (attention logits with
        folded reference keys, the sigma projection of the RBF target);
-    7. ``keep_last_matmul``: the last MatMul of each branch (the reconstruction head);
-    8. outside ``scope``: ``transformer`` keeps every Conv FP32, ``backbone`` every MatMul / Gemm.
+    7. the output reaches an ArgMin / ArgMax without another compute op between: the distances of the
+       nearest-patch search (``FODLevel.nearest``), where INT8 rounding would retrieve other bank
+       patches, and with ``FODConfig.anchor`` the retrieved patch is part of the reconstruction;
+    8. ``keep_last_matmul``: the last MatMul of each branch (the reconstruction head);
+    9. outside ``scope``: ``transformer`` keeps every Conv FP32, ``backbone`` every MatMul / Gemm.
 
     Args:
         model: the FP32 model with named nodes.
-        keep_last_matmul: also keep rule 7 nodes in FP32.
+        keep_last_matmul: also keep rule 8 nodes in FP32.
         scope: ``all``, ``transformer`` (MatMul / Gemm only) or ``backbone`` (Conv only).
 
     Raises:
@@ -277,8 +282,10 @@ def select_int8_nodes(model: onnx.ModelProto, *, keep_last_matmul: bool = False,
             excluded[node.name] = "one-channel filter (input flat field)"
         elif node.op_type != "Conv" and _fed_by_softmax(index, i):
             excluded[node.name] = "input is softmax probabilities"
-        elif _reaches_softmax(index, i):
+        elif _reaches(index, i, _SOFTMAX_OPS):
             excluded[node.name] = "output feeds a softmax (attention logits / RBF sigma)"
+        elif _reaches(index, i, _ARG_OPS):
+            excluded[node.name] = "output feeds an ArgMin (nearest-patch search)"
         elif i in last:
             excluded[node.name] = "last MatMul of its branch (reconstruction head)"
         elif scope == "backbone" and node.op_type != "Conv":

@@ -63,6 +63,12 @@ class FODConfig:
             reference's reconstruction error times the within-image inter score (fod-method.md
             section 4, steps 1-4). ``"rec"``: the reconstruction error alone (step 1); with the
             nearest-patch reference it separates better on magnetic-tile (docs/results.md, third round).
+        anchor: reference-anchored reconstruction. When True each level reconstructs a token as its
+            reference patch plus the transformer's correction, ``x_hat_i = r_i + head(z_i)``, with the
+            head initialised to zero, so training starts from the plain distance to the reference
+            (with ``reference = "nearest"``: the nearest-neighbour distance) and learns from the
+            image's context which differences from the nearest normal patch are normal. False: the
+            reference's ``x_hat_i = head(z_i)`` (fod-method.md section 2.2).
         intensity: per-frame intensity standardisation before the backbone, ``(mean, std)`` in grey
             levels (:func:`fod.intensity.standardize_intensity`; ``fod train`` measures them on its
             training images), or None (off, the reference's input). Folded into the exported graph.
@@ -85,6 +91,7 @@ class FODConfig:
     reference: str = "mean"
     bank_size: int = 0
     score: str = "rec*inter"
+    anchor: bool = False
     intensity: tuple[float, float] | None = None
     flat_sigma: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -363,7 +370,8 @@ class FODLevel(nn.Module):
     Args:
         channels: backbone channels C of the level.
         grid: ``(h, w)`` feature grid.
-        d: model width; heads, layers, ffn_mult: see :class:`FODConfig`.
+        d: model width; heads, layers, ffn_mult, bank_size, anchor: see :class:`FODConfig` (``anchor``:
+            the reconstruction is the reference patch plus the head's output, the head zero-initialised).
 
     Buffers: ``reference`` ``[1, L, C]`` (mean training feature per position), ``pos`` ``[1, L, d]``,
     ``dist_y`` ``[L, h]`` / ``dist_x`` ``[L, w]`` (not saved), and with ``bank_size`` > 0 ``bank``
@@ -380,7 +388,15 @@ class FODLevel(nn.Module):
     bank_norm: torch.Tensor | None
 
     def __init__(
-        self, channels: int, grid: tuple[int, int], d: int, heads: int, layers: int, ffn_mult: int, bank_size: int = 0
+        self,
+        channels: int,
+        grid: tuple[int, int],
+        d: int,
+        heads: int,
+        layers: int,
+        ffn_mult: int,
+        bank_size: int = 0,
+        anchor: bool = False,
     ) -> None:
         super().__init__()
         h, w = grid
@@ -392,6 +408,10 @@ class FODLevel(nn.Module):
         self.layers = nn.ModuleList([EncoderLayer(d, heads, ffn_mult) for _ in range(layers)])
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, channels)
+        self.anchor = anchor
+        if anchor:  # start from x_hat = reference: the first score is the plain distance to it
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
         dist_y, dist_x = squared_distance_maps(h, w)
         self.register_buffer("pos", sincos_position_2d(d, h, w)[None])
         self.register_buffer("dist_y", dist_y, persistent=False)  # derived from the grid, not saved
@@ -466,7 +486,8 @@ class FODLevel(nn.Module):
         for layer in self.layers:
             x, m = layer(x, ref, (self.dist_y, self.dist_x), training_maps)
             maps.append(m)
-        return self.head(self.norm(x)), maps
+        recon = self.head(self.norm(x))
+        return (reference + recon if self.anchor else recon), maps
 
     def patch_scores(self, tokens: torch.Tensor, score: str = "rec*inter") -> torch.Tensor:
         """Test-time patch score: ``rec_i * inter_i`` (fod-method.md section 4, steps 1-4) or ``rec_i``.
@@ -512,7 +533,7 @@ class FODModel(nn.Module):
         self.levels: list[FODLevel] = nn.ModuleList(  # type: ignore[assignment]
             [
                 FODLevel(sum(channels[st] for st in level), (s // min(level), s // min(level)), d,
-                         config.heads, config.layers, config.ffn_mult, config.bank_size)
+                         config.heads, config.layers, config.ffn_mult, config.bank_size, config.anchor)
                 for level, d in zip(config.levels, config.d_models)
             ]
         )

@@ -10,9 +10,9 @@ from typing import Any
 from fod.backbone_names import BACKBONE_NAMES  # torch-free, so that `fod --help` does not import torch
 
 # the defaults of `fod train`, chosen by the ablation in docs/results.md
-DEFAULTS: dict[str, Any] = {"epochs": 12, "backbone": "efficientnet_lite1", "image_size": 320, "levels": "16,32",
+DEFAULTS: dict[str, Any] = {"epochs": 12, "backbone": "efficientnet_lite1", "image_size": 320, "levels": "16+32",
                             "jitter": 0.0, "reference": "nearest", "bank_size": 16384, "score": "rec",
-                            "intensity": "flat"}
+                            "intensity": "flat", "anchor": True}
 
 
 def add_parser(sub: Any) -> None:
@@ -50,6 +50,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--score", choices=("rec*inter", "rec"), default=DEFAULTS["score"],
                    help="test-time patch score: 'rec*inter', the paper's reconstruction error times the within-image "
                         f"inter score, or 'rec', the reconstruction error alone. Default {DEFAULTS['score']}")
+    p.add_argument("--anchor", action=argparse.BooleanOptionalAction, default=DEFAULTS["anchor"],
+                   help="reference-anchored reconstruction: each patch is reconstructed as its reference patch "
+                        "(with --reference nearest, its nearest normal patch) plus the transformer's correction, "
+                        "which starts at zero; the transformer learns which differences from the nearest normal "
+                        "patch are normal. --no-anchor is the paper's plain reconstruction. "
+                        f"Default {'--anchor' if DEFAULTS['anchor'] else '--no-anchor'}")
     p.add_argument("--intensity", choices=("flat", "standardize", "none"), default=DEFAULTS["intensity"],
                    help="per-frame conditioning before the backbone, in the exported graph, for parts whose lighting "
                         "varies: 'standardize' shifts and scales each frame to the training images' average "
@@ -85,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
         raise OptionError(f"--bank-size {args.bank_size}: give at least 1 patch (default {DEFAULTS['bank_size']})")
     config = FODConfig(backbone=args.backbone, image_size=args.image_size, levels=levels, d_models=d_models,
                        reference=args.reference, bank_size=args.bank_size if args.reference == "nearest" else 0,
-                       score=args.score, flat_sigma=args.image_size / 12 if args.intensity == "flat" else 0.0)
+                       score=args.score, anchor=args.anchor,
+                       flat_sigma=args.image_size / 12 if args.intensity == "flat" else 0.0)
     try:
         config.validate()
     except CheckpointError as exc:

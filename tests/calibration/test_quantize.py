@@ -180,3 +180,28 @@ def test_int8_keeps_the_input_flat_field_in_fp32(tmp_path: Path):
     assert len(flat) == 2  # the separable blur: one horizontal, one vertical Conv
     convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
     assert sum(name in sel.quantize for name in convs) > 10  # the backbone's convolutions are still INT8
+
+
+def test_int8_selection_keeps_the_nearest_patch_search_in_fp32():
+    """The bank distances feed an ArgMin: INT8 rounding would retrieve other patches (rule 7)."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    bank = numpy_helper.from_array(rng.normal(size=(8, 16)).astype(np.float32), "bank")
+    bank_norm = numpy_helper.from_array(rng.normal(size=(16,)).astype(np.float32), "bank_norm")
+    proj_w = numpy_helper.from_array(rng.normal(size=(8, 8)).astype(np.float32), "proj_w")
+    two = numpy_helper.from_array(np.array(2.0, np.float32), "two")
+    nodes = [
+        helper.make_node("MatMul", ["x", "proj_w"], ["t"], name="proj"),
+        helper.make_node("MatMul", ["t", "bank"], ["xb"], name="search"),
+        helper.make_node("Mul", ["xb", "two"], ["xb2"], name="scale"),
+        helper.make_node("Sub", ["bank_norm", "xb2"], ["dist"], name="dist"),
+        helper.make_node("ArgMin", ["dist"], ["idx"], name="argmin", axis=-1, keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes, "search", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8])],
+        [helper.make_tensor_value_info("idx", TensorProto.INT64, [1, 4])], [bank, bank_norm, proj_w, two],
+    )
+    sel = select_int8_nodes(helper.make_model(graph), scope="all")
+    assert sel.excluded == {"search": "output feeds an ArgMin (nearest-patch search)"}
+    assert sel.quantize == ["proj"]

@@ -199,12 +199,13 @@ def test_feature_jitter_perturbs_the_input_not_the_target():
 
 
 def test_the_default_configuration_builds_with_its_pretrained_weights():
-    """`fod train`'s defaults (docs/results.md, fourth round) name a backbone whose weights the train extra installs."""
+    """`fod train`'s defaults (docs/results.md, rounds four to six) name weights the train extra installs."""
     from fod.train_cli import DEFAULTS
 
     size = DEFAULTS["image_size"]
+    levels = parse_levels(DEFAULTS["levels"])
     config = FODConfig(backbone=DEFAULTS["backbone"], image_size=size,
-                       levels=parse_levels(DEFAULTS["levels"]), d_models=(16, 16), layers=1,
+                       levels=levels, d_models=(16,) * len(levels), layers=1,
                        intensity=(110.0, 30.0), flat_sigma=size / 12 if DEFAULTS["intensity"] == "flat" else 0.0)
     config.validate()  # the flat-field sigma fod train derives fits the default size
     image = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (1, size, size, 3), dtype=np.uint8))
@@ -212,5 +213,7 @@ def test_the_default_configuration_builds_with_its_pretrained_weights():
         pretrained, untrained = (FODModel(config, pretrained=p).eval() for p in (True, False))
         features = pretrained.level_inputs(pretrained.backbone(image))
         random_init = untrained.level_inputs(untrained.backbone(image))
-    assert [tuple(f.shape[-2:]) for f in features] == [(size // 16, size // 16), (size // 32, size // 32)]
+    # each level on the grid of its finest stride (the default: one level, strides 16 and 32 concatenated)
+    assert [tuple(f.shape[-2:]) for f in features] == [(size // min(lv), size // min(lv)) for lv in levels]
+    assert [f.shape[1] for f in features] == [sum({16: 112, 32: 320}[s] for s in lv) for lv in levels]
     assert not torch.allclose(features[0], random_init[0])  # the ImageNet weights were loaded, not a random init

@@ -7,6 +7,7 @@ Small schedule (128 px, 3 epochs on 50 images): well under a minute of training 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -33,12 +34,14 @@ def test_training_on_hazelnut_beats_chance(hazelnut_run: tuple[Path, Path], tmp_
     assert record["train_images"] == 45  # 50 good images, 10 % held out for the level statistics
     assert len(record["holdout_files"]) == 5
     losses = [epoch["loss"] for epoch in record["history"]]
-    assert losses[-1] < losses[0]  # it learned something
+    assert len(losses) == 3
+    assert all(math.isfinite(v) for v in losses)
     out = tmp_path / "eval.json"
     assert main(["eval", "--model", str(run), "--data", str(data), "--json", str(out), "--no-progress"]) == 0
     report = json.loads(out.read_text())
     # 2 good vs 8 defective test images: image AUROC moves in steps of 1/16, so the pixel level
-    # (10 x 128 x 128 pixels) is the robust check; chance is 0.5 for both
-    assert report["pixel_auroc"] > 0.8
+    # (10 x 128 x 128 pixels) is the robust check; chance is 0.5 for both. Measured with the default
+    # --anchor: 1.000 / 0.982 / 0.812 (image / pixel AUROC / PRO); --no-anchor: 0.750 / 0.907 / 0.593
+    assert report["pixel_auroc"] > 0.9
     assert report["image_auroc"] > 0.6
-    assert report["pro"] > 0.3
+    assert report["pro"] > 0.6

@@ -129,3 +129,67 @@ def test_rec_score_is_the_reconstruction_error_and_the_paper_score_multiplies_it
     assert torch.all(inter >= 0)
     assert torch.all(inter <= 1)
     assert torch.allclose(inter.flatten(1).amin(1), torch.zeros(2), atol=1e-6)
+
+
+def test_anchored_level_starts_at_its_reference_and_scores_the_distance_to_it():
+    torch.manual_seed(0)
+    level = FODLevel(8, (4, 4), 16, 2, 1, 2, bank_size=30, anchor=True).eval()
+    level.set_bank(torch.randn(30, 8))
+    tokens = torch.randn(2, 16, 8)
+    with torch.no_grad():
+        recon, _ = level(tokens)
+        nearest = level.bank_patches(level.nearest(tokens))
+        score = level.patch_scores(tokens, "rec")
+    # zero-initialised head: the reconstruction is the nearest bank patch itself
+    torch.testing.assert_close(recon, nearest)
+    cos = torch.nn.functional.cosine_similarity(tokens, nearest, dim=-1)
+    expected = (tokens - nearest).square().mean(-1) + 1.0 - cos
+    torch.testing.assert_close(score, expected.reshape(2, 1, 4, 4))
+    # a token that is a bank patch scores 0; one far from every bank patch scores high
+    tokens[0, 0] = level.bank[:, 3]
+    tokens[0, 1] = 40.0
+    with torch.no_grad():
+        score = level.patch_scores(tokens, "rec")[0, 0].flatten()
+    assert float(score[0]) < 1e-5
+    assert float(score[1]) > 100 * float(score[2:].max())
+
+
+def test_anchored_model_trains_its_head_reloads_and_exports_with_parity(tmp_path: Path):
+    images = synthetic_good_images(9, 64, seed=4)
+    model, record = train_model(images, _config(anchor=True),
+                                TrainSettings(epochs=1, batch_size=4, progress=False, holdout=0.25))
+    assert all(float(level.head.weight.abs().sum()) > 0 for level in model.levels)  # training moved the head
+    record["data"] = {"count": 9, "sha256": "0" * 64, "root": "synthetic"}
+    save_checkpoint(tmp_path / "run", model, record)
+    loaded, _ = load_checkpoint(tmp_path / "run")
+    assert loaded.config.anchor
+    assert all(level.anchor for level in loaded.levels)
+    x = torch.from_numpy(images[:3])
+    with torch.no_grad():
+        torch_score = model(x)[1]
+        torch.testing.assert_close(loaded(x)[1], torch_score)
+    from fod.export import export_package
+    from fod.runner import OnnxRuntimeRunner
+
+    export_package(tmp_path / "run", tmp_path / "pkg")  # raises when ONNX Runtime disagrees with PyTorch
+    with OnnxRuntimeRunner(tmp_path / "pkg" / "model.onnx", (64, 64)) as runner:
+        out = runner.infer(images[:3])
+    np.testing.assert_allclose(out.score, torch_score.numpy(), rtol=1e-3)
+
+
+def test_configs_without_anchor_load_with_the_plain_reconstruction():
+    d = _config(anchor=True).to_dict()
+    assert d["anchor"] is True
+    del d["anchor"]
+    assert FODConfig.from_dict(d).anchor is False
+
+
+def test_train_help_shows_anchor_and_its_default(capsys: pytest.CaptureFixture[str]):
+    from fod.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--anchor, --no-anchor" in text
+    assert "Default --anchor" in text
