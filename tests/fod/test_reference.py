@@ -11,7 +11,7 @@ import torch
 
 from fod.checkpoint import load_checkpoint, save_checkpoint
 from fod.errors import CheckpointError
-from fod.model import FODConfig, FODLevel
+from fod.model import FODConfig, FODLevel, FODModel
 from fod.train import TrainSettings, coreset_indices, extract_features, fill_bank, train_model
 from tests.fod.conftest import synthetic_good_images
 
@@ -50,8 +50,6 @@ def test_coreset_keeps_the_outlier_and_picks_distinct_rows():
 def test_bank_holds_training_patches_and_training_references_come_from_other_images():
     images = synthetic_good_images(6, 64, seed=5)
     torch.manual_seed(0)
-    from fod.model import FODModel
-
     model = FODModel(_config(), pretrained=False)
     tokens = FODModel.tokens(extract_features(model, images)[0])  # [6, 16, C]
     level = model.levels[0]
@@ -66,6 +64,26 @@ def test_bank_holds_training_patches_and_training_references_come_from_other_ima
     assert not (picked_owner == torch.arange(6)[:, None]).any()
 
 
+def _save_reload_export(tmp_path: Path, model: FODModel, record: dict, images: np.ndarray) -> FODModel:
+    """Save ``model``, reload it and export it; assert the reloaded checkpoint and the ONNX package
+    score ``images[:3]`` as ``model`` does. Returns the reloaded model."""
+    from fod.export import export_package
+    from fod.runner import OnnxRuntimeRunner
+
+    record["data"] = {"count": len(images), "sha256": "0" * 64, "root": "synthetic"}
+    save_checkpoint(tmp_path / "run", model, record)
+    loaded, _ = load_checkpoint(tmp_path / "run")
+    x = torch.from_numpy(images[:3])
+    with torch.no_grad():
+        torch_score = model(x)[1]
+        torch.testing.assert_close(loaded(x)[1], torch_score)
+    export_package(tmp_path / "run", tmp_path / "pkg")  # raises when ONNX Runtime disagrees with PyTorch
+    with OnnxRuntimeRunner(tmp_path / "pkg" / "model.onnx", images.shape[1:3]) as runner:
+        out = runner.infer(images[:3])
+    np.testing.assert_allclose(out.score, torch_score.numpy(), rtol=1e-3)
+    return loaded
+
+
 def test_nearest_reference_trains_saves_reloads_and_exports_with_parity(tmp_path: Path):
     images = synthetic_good_images(9, 64, seed=3)
     config = _config(bank_size=10_000)  # more than the 7 training images have: clamped to their patches
@@ -74,22 +92,9 @@ def test_nearest_reference_trains_saves_reloads_and_exports_with_parity(tmp_path
     assert model.levels[0].bank is not None
     assert model.levels[0].bank.shape[1] == 28
     assert record["bank_seconds"] >= 0
-    record["data"] = {"count": 9, "sha256": "0" * 64, "root": "synthetic"}
-    save_checkpoint(tmp_path / "run", model, record)
-    loaded, _ = load_checkpoint(tmp_path / "run")
+    loaded = _save_reload_export(tmp_path, model, record, images)
     assert loaded.config.reference == "nearest"
     assert torch.equal(loaded.levels[1].bank, model.levels[1].bank)
-    x = torch.from_numpy(images[:3])
-    with torch.no_grad():
-        torch_score = model(x)[1]
-        torch.testing.assert_close(loaded(x)[1], torch_score)
-    from fod.export import export_package
-    from fod.runner import OnnxRuntimeRunner
-
-    export_package(tmp_path / "run", tmp_path / "pkg")  # raises when ONNX Runtime disagrees with PyTorch
-    with OnnxRuntimeRunner(tmp_path / "pkg" / "model.onnx", (64, 64)) as runner:
-        out = runner.infer(images[:3])
-    np.testing.assert_allclose(out.score, torch_score.numpy(), rtol=1e-3)
 
 
 @pytest.mark.parametrize(
@@ -159,22 +164,9 @@ def test_anchored_model_trains_its_head_reloads_and_exports_with_parity(tmp_path
     model, record = train_model(images, _config(anchor=True),
                                 TrainSettings(epochs=1, batch_size=4, progress=False, holdout=0.25))
     assert all(float(level.head.weight.abs().sum()) > 0 for level in model.levels)  # training moved the head
-    record["data"] = {"count": 9, "sha256": "0" * 64, "root": "synthetic"}
-    save_checkpoint(tmp_path / "run", model, record)
-    loaded, _ = load_checkpoint(tmp_path / "run")
+    loaded = _save_reload_export(tmp_path, model, record, images)
     assert loaded.config.anchor
     assert all(level.anchor for level in loaded.levels)
-    x = torch.from_numpy(images[:3])
-    with torch.no_grad():
-        torch_score = model(x)[1]
-        torch.testing.assert_close(loaded(x)[1], torch_score)
-    from fod.export import export_package
-    from fod.runner import OnnxRuntimeRunner
-
-    export_package(tmp_path / "run", tmp_path / "pkg")  # raises when ONNX Runtime disagrees with PyTorch
-    with OnnxRuntimeRunner(tmp_path / "pkg" / "model.onnx", (64, 64)) as runner:
-        out = runner.infer(images[:3])
-    np.testing.assert_allclose(out.score, torch_score.numpy(), rtol=1e-3)
 
 
 def test_configs_without_anchor_load_with_the_plain_reconstruction():
