@@ -424,7 +424,7 @@ def test_stop_flushes_pending_alarms(mosquitto, subscriber, topic_root, make_lin
     assert link.outbox_depth == 0
     assert [m.json()["alarm_seq"] for m in sub.wait_for(f"{topic_root}/cam0/alarm", 50)] == list(range(1, 51))
     # offline comes after the alarms
-    assert sub.wait_for(f"{topic_root}/status", 2)[-1].json()["state"] == "offline"
+    assert sub.wait_until(f"{topic_root}/status", lambda ms: bool(ms) and ms[-1].json()["state"] == "offline")
 
 
 # --- results, images
