@@ -125,39 +125,42 @@ def level_statistics(
     return tuple(out)
 
 
-def coreset_indices(x: torch.Tensor, m: int, seed: int, dim: int = 64, pool: int = 4) -> torch.Tensor:
+def coreset_indices(x: torch.Tensor, m: int, seed: int, dim: int = 64) -> torch.Tensor:
     """Greedy k-center coreset (PatchCore, Roth et al. CVPR 2022, section 3.2, Algorithm 1).
 
     Picks ``m`` rows of ``x`` so that every row lies close to a picked one: repeatedly the row
-    farthest from all picked rows. As in PatchCore the distances are taken after a random
-    projection to ``dim`` dimensions (Johnson-Lindenstrauss); to bound the time on a CPU the search
-    runs on a random pool of ``pool * m`` rows.
+    farthest from all picked rows, searched over **every** row. As in PatchCore the distances are
+    taken after a random projection to ``dim`` dimensions (Johnson-Lindenstrauss). Each pick costs
+    one matrix-vector product, ``||z||^2 - 2 z.c + ||c||^2``, so the projected rows are read once per
+    pick (about 3 ms for 257k rows of 64 floats on 2 cores: 1 min for a 16k bank).
 
     Args:
         x: ``[N, C]`` float32 patch features.
         m: rows to pick; all ``N`` rows (in order) when ``m >= N``.
-        seed: RNG seed (pool, projection, first row).
-        dim, pool: see above.
+        seed: RNG seed (projection, first row).
+        dim: projection size; no projection when ``C <= dim``.
 
     Returns:
-        ``[min(m, N)]`` int64 row indices into ``x``.
+        ``[min(m, N)]`` int64 row indices into ``x``, in pick order.
     """
     n = x.shape[0]
     if m >= n:
         return torch.arange(n)
     g = torch.Generator().manual_seed(seed)
-    cand = torch.randperm(n, generator=g)[: pool * m]
-    z = x[cand]
+    z = x
     if z.shape[1] > dim:
         z = z @ (torch.randn(z.shape[1], dim, generator=g) / math.sqrt(dim))
+    norm = z.square().sum(1)
     picked = torch.empty(m, dtype=torch.int64)
-    last = int(torch.randint(len(cand), (1,), generator=g))
-    min_d = torch.full((len(cand),), float("inf"))
+    last = int(torch.randint(n, (1,), generator=g))
+    min_d = torch.full((n,), float("inf"))
     for i in range(m):
         picked[i] = last
-        torch.minimum(min_d, (z - z[last]).square().sum(1), out=min_d)
+        d = torch.addmv(norm, z, z[last], alpha=-2.0)
+        d += norm[last]
+        torch.minimum(min_d, d, out=min_d)
         last = int(min_d.argmax())
-    return cand[picked]
+    return picked
 
 
 @torch.no_grad()

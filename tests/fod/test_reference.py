@@ -41,10 +41,25 @@ def test_nearest_is_the_true_nearest_bank_patch_and_exclusion_holds():
 def test_coreset_keeps_the_outlier_and_picks_distinct_rows():
     x = torch.randn(500, 6)
     x[123] = 50.0  # one patch far from all others: k-center picks it early
-    picked = coreset_indices(x, 20, seed=1, pool=25)
+    picked = coreset_indices(x, 20, seed=1)
     assert len(set(picked.tolist())) == 20
-    assert 123 in picked.tolist()
+    assert int(picked[1]) == 123  # the farthest row from the first pick, over every row
     assert torch.equal(coreset_indices(x, 600, seed=1), torch.arange(500))
+
+
+def test_coreset_matches_the_textbook_k_center_loop():
+    x = torch.randn(400, 5, generator=torch.Generator().manual_seed(0))
+    picked = coreset_indices(x, 30, seed=2)  # 5 channels <= dim: no projection
+    expected = [int(picked[0])]
+    min_d = (x - x[expected[0]]).square().sum(1)
+    for _ in range(29):
+        expected.append(int(min_d.argmax()))
+        min_d = torch.minimum(min_d, (x - x[expected[-1]]).square().sum(1))
+    assert picked.tolist() == expected
+    # every row lies within the covering radius, which a random subset of the same size does not beat
+    radius = torch.cdist(x, x[picked]).amin(1).max()
+    rand = torch.randperm(400, generator=torch.Generator().manual_seed(3))[:30]
+    assert radius < torch.cdist(x, x[rand]).amin(1).max()
 
 
 def test_bank_holds_training_patches_and_training_references_come_from_other_images():
