@@ -15,7 +15,10 @@ What it does, so that the numbers say what FOD adds over plain feature matching:
   approximates (183 k patches for magnetic-tile at 128 px; about 4 minutes on 2 cores).
   ``--bank-size N`` keeps a seeded random subsample of N patches instead, for large sizes
   (a random subsample is weaker than a coreset: 16384 patches at 128 px cost 0.05 image AUROC on
-  magnetic-tile, docs/results.md).
+  magnetic-tile, docs/results.md); ``--coreset N`` keeps ``fod train``'s greedy k-center coreset
+  of N patches (:func:`fod.train.coreset_indices`). ``--holdout SHARE`` leaves out the images that
+  ``fod train --holdout SHARE`` keeps out of its bank (same seeded split), so the yardstick sees the
+  same good images as FOD's memory bank.
 * Score: Euclidean distance of each test patch to its nearest bank patch (exact, matmul in
   chunks), upsampled bilinearly (align_corners=True) to the input size, smoothed with the very
   Gaussian FOD's graph uses (:class:`fod.smoothing.GaussianSmoothing`, sigma 4, 33 taps, mirror
@@ -49,6 +52,7 @@ from fod.evaluate import evaluate, save_grid_png
 from fod.intensity import intensity_statistics
 from fod.runner import Runner
 from fod.smoothing import GaussianSmoothing
+from fod.train import TrainSettings, coreset_indices, split_holdout
 
 logger = logging.getLogger("baseline_knn")
 
@@ -109,6 +113,7 @@ class KnnRunner(Runner):
         batch_size: int = 16,
         progress: bool = True,
         intensity: str = "none",
+        coreset: int = 0,
     ) -> KnnRunner:
         """Build the memory bank from good training images (random subsample of all patches).
 
@@ -123,6 +128,8 @@ class KnnRunner(Runner):
             progress: tqdm bar on stderr.
             intensity: ``fod train --intensity``'s conditioning of each frame (``none``, ``standardize``,
                 ``flat``), the target measured on all of ``train_paths`` as ``fod train`` does.
+            coreset: when > 0, keep a greedy k-center coreset of this many patches
+                (:func:`fod.train.coreset_indices`, seeded with ``seed``) instead of all of them.
 
         Returns:
             An inactive runner.
@@ -153,6 +160,8 @@ class KnnRunner(Runner):
         bank = torch.cat(parts)
         if 0 < bank_size < bank.shape[0]:
             bank = bank[torch.randperm(bank.shape[0], generator=generator)[:bank_size]]
+        if coreset > 0:
+            bank = bank[coreset_indices(bank, coreset, seed)]
         logger.info("memory bank: %d of %d patches, %d dims", bank.shape[0], n_patches, bank.shape[1])
         return cls(extractor, bank, image_size=image_size)
 
@@ -200,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--bank-size", type=int, default=0, help="random patches kept (default 0: all, exact nearest neighbour)"
     )
+    parser.add_argument("--coreset", type=int, default=0,
+                        help="keep fod train's greedy k-center coreset of this many patches (default 0: no coreset)")
+    parser.add_argument("--holdout", type=float, default=0.0,
+                        help="leave out the good images fod train --holdout SHARE keeps out of its bank (default 0: "
+                             "every training image)")
     parser.add_argument("--intensity", choices=("none", "standardize", "flat"), default="none",
                         help="per-frame conditioning as fod train --intensity (default none, the raw frame)")
     parser.add_argument("--seed", type=int, default=0)
@@ -210,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         start = time.perf_counter()
         paths = list_images(train_folder(args.data))
+        if args.holdout > 0:
+            keep, _ = split_holdout(len(paths), args.holdout, TrainSettings().seed)
+            paths = [paths[i] for i in keep]
         runner = KnnRunner.fit(
             paths,
             backbone=args.backbone,
@@ -219,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             progress=not args.no_progress,
             intensity=args.intensity,
+            coreset=args.coreset,
         )
         fit_s = time.perf_counter() - start
         report = evaluate(runner, args.data, batch_size=args.batch_size, progress=not args.no_progress)
@@ -227,17 +245,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"baseline_knn: error: {exc}", file=sys.stderr)
         return 2
     print(report.table())
+    kind = "coreset" if args.coreset > 0 else "all patches" if args.bank_size <= 0 else "random"
     print(
         f"baseline: {len(paths)} training images, bank {runner.bank.shape[0]} x {runner.bank.shape[1]} "
-        f"({'all patches' if args.bank_size <= 0 else 'random'}), fit {fit_s:.0f} s, total {wall_s:.0f} s "
+        f"({kind}), fit {fit_s:.0f} s, total {wall_s:.0f} s "
         f"on {torch.get_num_threads()} threads"
     )
     if args.json is not None:
         out: dict[str, Any] = report.to_dict()
         out["baseline"] = {
             "method": "exact nearest neighbour over "
-            + ("all training patches" if args.bank_size <= 0 else "a random patch subsample")
-            + " (PatchCore-like, no coreset)",
+            + ("a greedy k-center coreset" if args.coreset > 0
+               else "all training patches" if args.bank_size <= 0 else "a random patch subsample")
+            + " (PatchCore-like)",
+            "holdout": args.holdout,
             "backbone": args.backbone,
             "image_size": args.image_size,
             "strides": args.strides,
