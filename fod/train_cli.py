@@ -35,8 +35,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--d-models", type=int, nargs="+", default=None, metavar="D",
                    help="transformer width of each level (default 128 for a level at stride <= 8, else 256)")
     p.add_argument("--holdout", type=float, default=0.1,
-                   help="share of the good images held out of training to measure each level's map statistics "
-                        "for the level fusion (default 0.1; 0 = plain average of the levels)")
+                   help="share of the good images held out of training and of the memory bank, to measure each "
+                        "level's map statistics for the level fusion and to calibrate on (fod calibrate --normal RUN) "
+                        "(default 0.1; 0 = every image in training and the bank, plain average of the levels)")
     p.add_argument("--jitter", type=float, default=DEFAULTS["jitter"],
                    help="feature jitter during training (UniAD): noise of std JITTER*|x|/C on each input token, "
                         f"the clean token as target; 0 = off (default {DEFAULTS['jitter']})")
