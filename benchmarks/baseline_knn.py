@@ -115,7 +115,7 @@ class KnnRunner(Runner):
         intensity: str = "none",
         coreset: int = 0,
     ) -> KnnRunner:
-        """Build the memory bank from good training images (random subsample of all patches).
+        """Build the memory bank from good training images: every patch, a random subsample or a coreset.
 
         Args:
             train_paths: good images.
@@ -210,10 +210,11 @@ def main(argv: list[str] | None = None) -> int:
         "--bank-size", type=int, default=0, help="random patches kept (default 0: all, exact nearest neighbour)"
     )
     parser.add_argument("--coreset", type=int, default=0,
-                        help="keep fod train's greedy k-center coreset of this many patches (default 0: no coreset)")
+                        help="keep a greedy k-center coreset of this many patches, fod train's algorithm seeded with "
+                             "--seed (fod train's default seed is 3407) (default 0: no coreset)")
     parser.add_argument("--holdout", type=float, default=0.0,
-                        help="leave out the good images fod train --holdout SHARE keeps out of its bank (default 0: "
-                             "every training image)")
+                        help="leave out the good images fod train --holdout SHARE keeps out of its bank, the split "
+                             "of fod train's default --seed 3407 (default 0: every training image)")
     parser.add_argument("--intensity", choices=("none", "standardize", "flat"), default="none",
                         help="per-frame conditioning as fod train --intensity (default none, the raw frame)")
     parser.add_argument("--seed", type=int, default=0)
