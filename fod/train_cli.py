@@ -10,7 +10,7 @@ from typing import Any
 from fod.backbone_names import BACKBONE_NAMES  # torch-free, so that `fod --help` does not import torch
 
 # the defaults of `fod train`, chosen by the ablation in docs/results.md
-DEFAULTS: dict[str, Any] = {"epochs": 12, "backbone": "efficientnet_lite1", "image_size": 320, "levels": "16+32",
+DEFAULTS: dict[str, Any] = {"epochs": 8, "backbone": "efficientnet_lite1", "image_size": 384, "levels": "16+32",
                             "jitter": 0.0, "reference": "nearest", "bank_size": 16384, "score": "rec",
                             "intensity": "flat", "anchor": True}
 
@@ -27,7 +27,7 @@ def add_parser(sub: Any) -> None:
                         "lite2 needs the backbones extra)")
     p.add_argument("--image-size", type=int, default=DEFAULTS["image_size"],
                    help=f"square model input in px, a multiple of the coarsest stride in --levels "
-                        f"(default {DEFAULTS['image_size']}; 128 to 320 on a CPU)")
+                        f"(default {DEFAULTS['image_size']}; 128 to 384 on a CPU)")
     p.add_argument("--levels", default=DEFAULTS["levels"], metavar="STRIDES",
                    help="backbone strides feeding the FOD levels, from 4, 8, 16, 32: ',' separates levels, "
                         "'+' joins strides into one level (upsampled to its finest grid and concatenated). "
