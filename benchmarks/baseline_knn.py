@@ -19,6 +19,11 @@ What it does, so that the numbers say what FOD adds over plain feature matching:
   of N patches (:func:`fod.train.coreset_indices`). ``--holdout SHARE`` leaves out the images that
   ``fod train --holdout SHARE`` keeps out of its bank (same seeded split), so the yardstick sees the
   same good images as FOD's memory bank.
+* Context: ``--context K`` (default 1, off) averages each patch feature over its K x K neighbours on
+  the feature grid (stride 1, zero padding not counted) before matching: a regional texture
+  descriptor of K x finest-stride px. K of at least twice the grid side minus one (47 for the 24 x 24
+  grid of 384 px at stride 16) makes every patch the whole image's mean feature, a descriptor blind to
+  where anything is (docs/results.md, ninth round, measures both).
 * Score: Euclidean distance of each test patch to its nearest bank patch (exact, matmul in
   chunks), upsampled bilinearly (align_corners=True) to the input size, smoothed with the very
   Gaussian FOD's graph uses (:class:`fod.smoothing.GaussianSmoothing`, sigma 4, 33 taps, mirror
@@ -67,6 +72,7 @@ class KnnRunner(Runner):
         sigma: Gaussian smoothing of the map in px (4, as FOD).
         query_chunk: test patches per distance block.
         bank_chunk: bank patches per distance block (a block is ``query_chunk x bank_chunk`` float32).
+        context: side K of the K x K feature average (:meth:`embed`); 1 is off.
     """
 
     name = "knn-baseline"
@@ -80,6 +86,7 @@ class KnnRunner(Runner):
         sigma: float = 4.0,
         query_chunk: int = 2048,
         bank_chunk: int = 8192,
+        context: int = 1,
     ) -> None:
         super().__init__()
         self.extractor = extractor
@@ -89,16 +96,29 @@ class KnnRunner(Runner):
         self.smoothing = GaussianSmoothing(sigma)
         self.query_chunk = query_chunk
         self.bank_chunk = bank_chunk
+        self.context = context
 
     @staticmethod
-    def embed(extractor: FeatureExtractor, images: np.ndarray) -> torch.Tensor:
-        """``[N, H, W, 3]`` uint8 BGR -> ``[N, sum C_s, H/s0, W/s0]`` float32 patch features (s0 the finest stride)."""
+    def embed(extractor: FeatureExtractor, images: np.ndarray, context: int = 1) -> torch.Tensor:
+        """``[N, H, W, 3]`` uint8 BGR -> ``[N, sum C_s, H/s0, W/s0]`` float32 patch features (s0 the finest stride).
+
+        ``context`` K > 1 replaces each patch feature by the mean over its K x K grid neighbours
+        (stride 1; positions outside the grid are not counted, so border patches average fewer).
+
+        Raises:
+            ValueError: ``context`` < 1 or even (the window must be centred on its patch).
+        """
+        if context < 1 or context % 2 == 0:
+            raise ValueError(f"--context {context}: use an odd number of grid cells >= 1 (1 = off), e.g. 13")
         with torch.inference_mode():
             maps = extractor(torch.from_numpy(images))
             grid = maps[0].shape[-2:]
-            return torch.cat(
+            feats = torch.cat(
                 [maps[0]] + [F.interpolate(m, size=grid, mode="bilinear", align_corners=False) for m in maps[1:]], dim=1
             )
+            if context > 1:
+                feats = F.avg_pool2d(feats, context, stride=1, padding=context // 2, count_include_pad=False)
+            return feats
 
     @classmethod
     def fit(
@@ -114,6 +134,7 @@ class KnnRunner(Runner):
         progress: bool = True,
         intensity: str = "none",
         coreset: int = 0,
+        context: int = 1,
     ) -> KnnRunner:
         """Build the memory bank from good training images: every patch, a random subsample or a coreset.
 
@@ -130,6 +151,7 @@ class KnnRunner(Runner):
                 ``flat``), the target measured on all of ``train_paths`` as ``fod train`` does.
             coreset: when > 0, keep a greedy k-center coreset of this many patches
                 (:func:`fod.train.coreset_indices`, seeded with ``seed``) instead of all of them.
+            context: K x K feature average of :meth:`embed` (odd; 1, the default, is off).
 
         Returns:
             An inactive runner.
@@ -137,9 +159,12 @@ class KnnRunner(Runner):
         Raises:
             DataError: an unreadable image (named).
             CheckpointError: unknown backbone or missing weights package.
+            ValueError: ``context`` < 1 or even.
         """
         from tqdm import tqdm
 
+        if context < 1 or context % 2 == 0:
+            raise ValueError(f"--context {context}: use an odd number of grid cells >= 1 (1 = off), e.g. 13")
         target = None
         if intensity != "none":
             target = intensity_statistics(load_images(train_paths, (image_size, image_size)))
@@ -152,7 +177,7 @@ class KnnRunner(Runner):
         batches = range(0, len(train_paths), batch_size)
         for lo in tqdm(batches, desc="bank", unit="batch", disable=not progress, leave=False):
             images = load_images(train_paths[lo : lo + batch_size], (image_size, image_size))
-            feats = cls.embed(extractor, images)
+            feats = cls.embed(extractor, images, context)
             flat = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
             # Bernoulli keep with a slight surplus, trimmed below: memory stays at the bank size
             keep = torch.rand(flat.shape[0], generator=generator) < min(1.0, keep_p * 1.05)
@@ -163,7 +188,7 @@ class KnnRunner(Runner):
         if coreset > 0:
             bank = bank[coreset_indices(bank, coreset, seed)]
         logger.info("memory bank: %d of %d patches, %d dims", bank.shape[0], n_patches, bank.shape[1])
-        return cls(extractor, bank, image_size=image_size)
+        return cls(extractor, bank, image_size=image_size, context=context)
 
     def nearest_distance(self, queries: torch.Tensor) -> torch.Tensor:
         """``[Q, D]`` -> ``[Q]`` Euclidean distance to the nearest bank patch (exact)."""
@@ -187,7 +212,7 @@ class KnnRunner(Runner):
         pass
 
     def _infer_impl(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        feats = self.embed(self.extractor, images)
+        feats = self.embed(self.extractor, images, self.context)
         n, d, h, w = feats.shape
         with torch.inference_mode():
             dist = self.nearest_distance(feats.permute(0, 2, 3, 1).reshape(-1, d)).reshape(n, 1, h, w)
@@ -217,11 +242,16 @@ def main(argv: list[str] | None = None) -> int:
                              "of fod train's default --seed 3407 (default 0: every training image)")
     parser.add_argument("--intensity", choices=("none", "standardize", "flat"), default="none",
                         help="per-frame conditioning as fod train --intensity (default none, the raw frame)")
+    parser.add_argument("--context", type=int, default=1,
+                        help="average each patch feature over its K x K grid neighbours before matching, K odd "
+                             "(default 1: off; 2 x grid side - 1 or more: the whole image's mean feature)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.context < 1 or args.context % 2 == 0:
+        parser.error(f"--context {args.context}: use an odd number of grid cells >= 1 (1 = off), e.g. 13")
     try:
         start = time.perf_counter()
         paths = list_images(train_folder(args.data))
@@ -238,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress,
             intensity=args.intensity,
             coreset=args.coreset,
+            context=args.context,
         )
         fit_s = time.perf_counter() - start
         report = evaluate(runner, args.data, batch_size=args.batch_size, progress=not args.no_progress)
@@ -264,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             "image_size": args.image_size,
             "strides": args.strides,
             "intensity": args.intensity,
+            "context": args.context,
             "n_train_images": len(paths),
             "bank_size": int(runner.bank.shape[0]),
             "feature_dim": int(runner.bank.shape[1]),
