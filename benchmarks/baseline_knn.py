@@ -62,6 +62,16 @@ from fod.train import TrainSettings, coreset_indices, split_holdout
 logger = logging.getLogger("baseline_knn")
 
 
+def check_context(context: int) -> None:
+    """Refuse a ``--context`` window that is not centred on its patch.
+
+    Raises:
+        ValueError: ``context`` < 1 or even (the message names the option and an allowed value).
+    """
+    if context < 1 or context % 2 == 0:
+        raise ValueError(f"--context {context}: use an odd number of grid cells >= 1 (1 = off), e.g. 13")
+
+
 class KnnRunner(Runner):
     """Nearest-neighbour patch scoring over a fixed memory bank, with the graph's I/O contract.
 
@@ -108,8 +118,7 @@ class KnnRunner(Runner):
         Raises:
             ValueError: ``context`` < 1 or even (the window must be centred on its patch).
         """
-        if context < 1 or context % 2 == 0:
-            raise ValueError(f"--context {context}: use an odd number of grid cells >= 1 (1 = off), e.g. 13")
+        check_context(context)
         with torch.inference_mode():
             maps = extractor(torch.from_numpy(images))
             grid = maps[0].shape[-2:]
@@ -163,8 +172,7 @@ class KnnRunner(Runner):
         """
         from tqdm import tqdm
 
-        if context < 1 or context % 2 == 0:
-            raise ValueError(f"--context {context}: use an odd number of grid cells >= 1 (1 = off), e.g. 13")
+        check_context(context)
         target = None
         if intensity != "none":
             target = intensity_statistics(load_images(train_paths, (image_size, image_size)))
@@ -250,8 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.context < 1 or args.context % 2 == 0:
-        parser.error(f"--context {args.context}: use an odd number of grid cells >= 1 (1 = off), e.g. 13")
+    try:
+        check_context(args.context)
+    except ValueError as exc:
+        parser.error(str(exc))
     try:
         start = time.perf_counter()
         paths = list_images(train_folder(args.data))
