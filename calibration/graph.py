@@ -27,8 +27,9 @@ INT8_OP_TYPES: tuple[str, ...] = ("Conv", "MatMul", "Gemm")
 _COMPUTE_OPS = frozenset({"Conv", "MatMul", "Gemm", "ConvTranspose"})
 #: ops whose output is a probability / log-domain quantity that must keep FP32 inputs
 _SOFTMAX_OPS = frozenset({"Softmax", "LogSoftmax"})
-#: ops that turn their input into a discrete choice: the nearest-patch search's ArgMin over bank distances
-_ARG_OPS = frozenset({"ArgMin", "ArgMax"})
+#: ops that pick the nearest bank patch from distances: the nearest-patch search's ArgMin, the regional
+#: level's ReduceMin (``fod.model.RegionalLevel``)
+_ARG_OPS = frozenset({"ArgMin", "ArgMax", "ReduceMin"})
 #: op types kept FP32 in the FP16 variant wherever they occur
 FP16_BLOCKED_OPS: tuple[str, ...] = (
     "Softmax",
@@ -244,9 +245,10 @@ def select_int8_nodes(model: onnx.ModelProto, *, keep_last_matmul: bool = False,
     5. the input comes from a Softmax (attention x values);
     6. the output reaches a Softmax without another compute op between (attention logits with
        folded reference keys, the sigma projection of the RBF target);
-    7. the output reaches an ArgMin / ArgMax without another compute op between: the distances of the
-       nearest-patch search (``FODLevel.nearest``), where INT8 rounding would retrieve other bank
-       patches, and with ``FODConfig.anchor`` the retrieved patch is part of the reconstruction;
+    7. the output reaches an ArgMin / ArgMax / ReduceMin without another compute op between: the
+       distances of the nearest-patch search (``FODLevel.nearest``), where INT8 rounding would retrieve
+       other bank patches, and with ``FODConfig.anchor`` the retrieved patch is part of the
+       reconstruction; and of the regional level (``RegionalLevel``), whose minimum is its score;
     8. ``keep_last_matmul``: the last MatMul of each branch (the reconstruction head);
     9. outside ``scope``: ``transformer`` keeps every Conv FP32, ``backbone`` every MatMul / Gemm.
 
@@ -285,7 +287,7 @@ def select_int8_nodes(model: onnx.ModelProto, *, keep_last_matmul: bool = False,
         elif _reaches(index, i, _SOFTMAX_OPS):
             excluded[node.name] = "output feeds a softmax (attention logits / RBF sigma)"
         elif _reaches(index, i, _ARG_OPS):
-            excluded[node.name] = "output feeds an ArgMin (nearest-patch search)"
+            excluded[node.name] = "output feeds an ArgMin / ReduceMin (nearest-patch search)"
         elif i in last:
             excluded[node.name] = "last MatMul of its branch (reconstruction head)"
         elif scope == "backbone" and node.op_type != "Conv":

@@ -27,6 +27,9 @@ REFERENCES = ("mean", "nearest")
 """Values of :attr:`FODConfig.reference`."""
 SCORES = ("rec*inter", "rec")
 """Values of :attr:`FODConfig.score`."""
+REGIONAL_TAU = 2.0
+"""Gate of the regional level in units of the local map's held-out spread: the regional map counts fully
+where the local map is 0 and by ``exp(-1)`` where it is 2 (:meth:`FODModel.maps_from_features`)."""
 
 
 @dataclass
@@ -75,6 +78,15 @@ class FODConfig:
         flat_sigma: with ``intensity`` (ignored without), the sigma in px of the flat-field correction
             before the standardisation (:class:`fod.intensity.IntensityNorm`; 0: none). ``fod train --intensity flat``
             sets it to ``image_size / 12``.
+        regional: side K (odd, >= 3) of the regional level's window on the first level's grid, or 0 (none).
+            The regional level (:class:`RegionalLevel`) averages the first level's input over K x K grid
+            cells and scores each position by its distance to the nearest of ``regional_bank_size``
+            averaged training patches: it sees a region of a different texture as a whole where a patch
+            sees too little of it. It adds to the map only where the local map is flat
+            (:meth:`FODModel.maps_from_features`). Needs ``level_norm`` (``--holdout`` > 0).
+        regional_bank_size: memory-bank patches of the regional level (0 without it).
+        regional_norm: ``(mean, std)`` of the regional level's upsampled map on the held-out good images,
+            or None (not measured yet: the regional level does not take part).
     """
 
     backbone: str = "efficientnet_lite0"
@@ -94,6 +106,9 @@ class FODConfig:
     anchor: bool = False
     intensity: tuple[float, float] | None = None
     flat_sigma: float = 0.0
+    regional: int = 0
+    regional_bank_size: int = 0
+    regional_norm: tuple[float, float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -103,6 +118,7 @@ class FODConfig:
         d["levels"] = [list(level) for level in self.levels]
         d["level_norm"] = None if self.level_norm is None else [list(n) for n in self.level_norm]
         d["intensity"] = None if self.intensity is None else list(self.intensity)
+        d["regional_norm"] = None if self.regional_norm is None else list(self.regional_norm)
         return d
 
     @classmethod
@@ -120,6 +136,9 @@ class FODConfig:
         if d.get("intensity") is not None:
             mean, std = d["intensity"]
             d["intensity"] = (float(mean), float(std))
+        if d.get("regional_norm") is not None:
+            mean, std = d["regional_norm"]
+            d["regional_norm"] = (float(mean), float(std))
         return cls(**d)
 
     @property
@@ -177,6 +196,31 @@ class FODConfig:
             raise CheckpointError(
                 f"flat_sigma {self.flat_sigma}: the flat-field sigma must be from 0 (off) to "
                 f"{self.image_size // 4 - 1} px at image size {self.image_size}"
+            )
+        if self.regional:
+            if self.regional < 3 or self.regional % 2 == 0:
+                raise CheckpointError(
+                    f"regional {self.regional}: the regional window must be an odd number of grid cells >= 3 "
+                    "(e.g. 13), or 0 for none"
+                )
+            if self.regional_bank_size < 1:
+                raise CheckpointError(
+                    f"regional_bank_size {self.regional_bank_size}: the regional level needs a memory bank of at "
+                    "least 1 patch (e.g. 4096)"
+                )
+            if self.regional_norm is not None:
+                mean, std = self.regional_norm
+                if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+                    raise CheckpointError(f"regional_norm {self.regional_norm}: need a finite (mean, std > 0)")
+                if self.level_norm is None:
+                    raise CheckpointError(
+                        "regional_norm without level_norm: the regional level's gate needs the levels' held-out "
+                        "statistics (train with --holdout > 0)"
+                    )
+        elif self.regional < 0 or self.regional_bank_size or self.regional_norm is not None:
+            raise CheckpointError(
+                f"regional {self.regional} with regional_bank_size {self.regional_bank_size} and regional_norm "
+                f"{self.regional_norm}: without a regional level (0) both must be unset (0, None)"
             )
 
 
@@ -509,6 +553,50 @@ class FODLevel(nn.Module):
         return (rec * inter).reshape(-1, 1, *self.grid)
 
 
+class RegionalLevel(nn.Module):
+    """Nearest-neighbour scoring of regional texture: each patch averaged over its K x K grid neighbours.
+
+    Not a transformer: a memory bank of averaged training patches (a greedy k-center coreset, as the
+    nearest-patch reference's; Roth et al., CVPR 2022, section 3.2) and the Euclidean distance to the
+    nearest of them. The window is centred (stride 1); cells outside the grid are not counted, so a
+    border patch averages fewer (docs/results.md, ninth and tenth rounds).
+
+    Args:
+        channels: C of the level input it reads.
+        context: side K of the window in grid cells (odd).
+        bank_size: M, patches in the memory bank.
+
+    Buffers: ``bank`` ``[C, M]`` (one patch per column) and ``bank_norm`` ``[M]`` (squared norms).
+    """
+
+    bank: torch.Tensor
+    bank_norm: torch.Tensor
+
+    def __init__(self, channels: int, context: int, bank_size: int) -> None:
+        super().__init__()
+        self.context = context
+        self.register_buffer("bank", torch.zeros(channels, bank_size))
+        self.register_buffer("bank_norm", torch.zeros(bank_size))
+
+    def pool(self, feature: torch.Tensor) -> torch.Tensor:
+        """``[N, C, h, w]`` -> the K x K neighbourhood mean at each position, ``[N, C, h, w]`` float32."""
+        k = self.context
+        return F.avg_pool2d(feature, k, stride=1, padding=k // 2, count_include_pad=False)
+
+    def set_bank(self, patches: torch.Tensor) -> None:
+        """Store ``patches`` ``[M, C]`` float32 (already averaged, :meth:`pool`) as the memory bank."""
+        self.bank.copy_(patches.t())
+        self.bank_norm.copy_(patches.square().sum(-1))
+
+    def forward(self, feature: torch.Tensor) -> torch.Tensor:
+        """``[N, C, h, w]`` level input -> ``[N, 1, h, w]`` float32 distance to the nearest bank patch."""
+        n, _, h, w = feature.shape
+        tokens = self.pool(feature).flatten(2).transpose(1, 2)  # [N, L, C]
+        # ||x - b||^2 = ||x||^2 - 2 x.b + ||b||^2, minimised over the bank
+        dist = (self.bank_norm - 2.0 * torch.matmul(tokens, self.bank)).amin(-1) + tokens.square().sum(-1)
+        return dist.clamp_min(0.0).sqrt().reshape(n, 1, h, w)
+
+
 class FODModel(nn.Module):
     """Frame to answer: backbone, the FOD levels, scoring, upsampling, level fusion, smoothing.
 
@@ -536,6 +624,10 @@ class FODModel(nn.Module):
                          config.heads, config.layers, config.ffn_mult, config.bank_size, config.anchor)
                 for level, d in zip(config.levels, config.d_models)
             ]
+        )
+        self.regional = (
+            RegionalLevel(self.levels[0].embed.in_features, config.regional, config.regional_bank_size)
+            if config.regional else None
         )
         self.smoothing = GaussianSmoothing(config.smooth_sigma)
 
@@ -578,9 +670,31 @@ class FODModel(nn.Module):
             fused = torch.stack([torch.relu((m - mean) * (1.0 / std)) for m, (mean, std) in zip(maps, norm)]).mean(0)
         return self.smoothing(fused)
 
+    def regional_map(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        """The regional level's distance map of the first level's input, upsampled: ``[N, 1, H, W]`` float32.
+
+        Raises:
+            RuntimeError: the model has no regional level (``config.regional`` 0).
+        """
+        if self.regional is None:
+            raise RuntimeError("this FOD model has no regional level (regional 0)")
+        size = (self.config.image_size, self.config.image_size)
+        return F.interpolate(self.regional(inputs[0]), size=size, mode="bilinear", align_corners=True)
+
     def maps_from_features(self, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scoring from level inputs (:meth:`level_inputs`) -> ``(anomaly_map [N,1,H,W], score [N])``."""
+        """Scoring from level inputs (:meth:`level_inputs`) -> ``(anomaly_map [N,1,H,W], score [N])``.
+
+        With a measured regional level (``config.regional_norm``) the map is
+        ``a + r * exp(-a / REGIONAL_TAU)``: ``a`` the fused, smoothed level map (held-out z units) and
+        ``r`` the regional map on the same scale (``relu((m - mean) / std)``, smoothed), so a region of
+        odd texture lifts the map where the patches see nothing, and a sharp defect keeps its shape.
+        """
         anomaly_map = self.fuse(self.level_maps(inputs))
+        norm = self.config.regional_norm
+        if self.regional is not None and norm is not None:
+            mean, std = norm
+            regional = self.smoothing(torch.relu((self.regional_map(inputs) - mean) * (1.0 / std)))
+            anomaly_map = anomaly_map + regional * torch.exp(anomaly_map * (-1.0 / REGIONAL_TAU))
         return anomaly_map, anomaly_map.amax(dim=(1, 2, 3))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -94,6 +94,22 @@ def split_holdout(n: int, share: float, seed: int) -> tuple[np.ndarray, np.ndarr
     return np.sort(order[k:]), np.sort(order[:k])
 
 
+def _mean_std(maps: Any) -> tuple[float, float]:
+    """Mean and std over all pixels of an iterable of ``[n, 1, H, W]`` maps (float64 sums); std floored
+    at 1e-12 of the mean's magnitude (a constant map would otherwise divide by zero).
+    """
+    s1 = s2 = 0.0
+    count = 0
+    for m in maps:
+        m64 = m.double()
+        s1 += float(m64.sum())
+        s2 += float(m64.square().sum())
+        count += m.numel()
+    mean = s1 / count
+    std = math.sqrt(max(s2 / count - mean * mean, 0.0))
+    return mean, max(std, 1e-12 * max(abs(mean), 1e-30))
+
+
 @torch.no_grad()
 def level_statistics(
     model: FODModel, inputs: list[torch.Tensor], batch_size: int = 16
@@ -109,20 +125,41 @@ def level_statistics(
         (a constant map would otherwise divide by zero).
     """
     device = next(model.levels.parameters()).device  # type: ignore[attr-defined]
-    sums = np.zeros((len(model.levels), 2), dtype=np.float64)
-    count = 0
+    per_level: list[list[torch.Tensor]] = [[] for _ in model.levels]
     for start in range(0, len(inputs[0]), batch_size):
-        maps = model.level_maps([f[start : start + batch_size].to(device) for f in inputs])
-        for li, m in enumerate(maps):
-            m64 = m.double()
-            sums[li] += (float(m64.sum()), float(m64.square().sum()))
-        count += maps[0].numel()
-    out = []
-    for s1, s2 in sums:
-        mean = float(s1) / count
-        std = math.sqrt(max(s2 / count - mean * mean, 0.0))
-        out.append((mean, max(std, 1e-12 * max(abs(mean), 1e-30))))
-    return tuple(out)
+        for li, m in enumerate(model.level_maps([f[start : start + batch_size].to(device) for f in inputs])):
+            per_level[li].append(m.cpu())
+    return tuple(_mean_std(maps) for maps in per_level)
+
+
+@torch.no_grad()
+def regional_statistics(model: FODModel, inputs: list[torch.Tensor], batch_size: int = 16) -> tuple[float, float]:
+    """``(mean, std)`` of the regional level's upsampled map (:meth:`FODModel.regional_map`) over all pixels
+    of held-out images (level inputs as for :func:`level_statistics`).
+
+    Raises:
+        RuntimeError: the model has no regional level.
+    """
+    device = next(model.levels.parameters()).device  # type: ignore[attr-defined]
+    return _mean_std(model.regional_map([inputs[0][i : i + batch_size].to(device)])
+                     for i in range(0, len(inputs[0]), batch_size))
+
+
+@torch.no_grad()
+def fill_regional_bank(model: FODModel, feature: torch.Tensor, seed: int, batch: int = 32) -> None:
+    """Fill the regional level's bank with a k-center coreset of the training images' averaged patches.
+
+    Args:
+        model: a model with a regional level whose bank size is at most ``n * h * w``.
+        feature: ``[n, C, h, w]`` float32 first-level input of the training images (CPU).
+        seed: coreset seed.
+    """
+    regional = model.regional
+    if regional is None:
+        raise RuntimeError("this FOD model has no regional level (regional 0)")
+    pooled = torch.cat([regional.pool(feature[i : i + batch]) for i in range(0, len(feature), batch)])
+    flat = pooled.flatten(2).transpose(1, 2).reshape(-1, pooled.shape[1])
+    regional.set_bank(flat[coreset_indices(flat, regional.bank.shape[1], seed)].to(regional.bank.device))
 
 
 def coreset_indices(x: torch.Tensor, m: int, seed: int, dim: int = 64) -> torch.Tensor:
@@ -267,12 +304,16 @@ def train_model(
         raise ValueError(f"images must be [N, {config.image_size}, {config.image_size}, 3], got {images.shape}")
     if len(images) < 2:
         raise ValueError(f"need at least 2 good images to train, got {len(images)}")
+    if config.regional and settings.holdout <= 0:
+        raise DataError(f"--regional {config.regional} needs held-out good images for its statistics: "
+                        "pass --holdout > 0 (default 0.1) or --regional 0")
     train_idx, holdout_idx = split_holdout(len(images), settings.holdout, settings.seed)
     n = len(train_idx)
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
     device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     config.level_norm = None
+    config.regional_norm = None
     if settings.standardize:
         config.intensity = intensity_statistics(images[train_idx])
         log.info("intensity standardisation: each frame to mean %.1f, std %.1f grey levels (the training images' "
@@ -283,6 +324,12 @@ def train_model(
             log.info("memory bank: %d patches asked, the %d training images give %d: using them all",
                      config.bank_size, n, fewest)
             config.bank_size = fewest
+    if config.regional:
+        fewest = n * (config.image_size // min(config.levels[0])) ** 2
+        if config.regional_bank_size > fewest:
+            log.info("regional bank: %d patches asked, the %d training images give %d: using them all",
+                     config.regional_bank_size, n, fewest)
+            config.regional_bank_size = fewest
     model = FODModel(config).to(device)
     start = time.perf_counter()
     features = extract_features(model, images)
@@ -292,6 +339,8 @@ def train_model(
     for level, tok in zip(model.levels, tokens):
         level.reference.copy_(tok.mean(0, keepdim=True).to(device))  # fod-method.md 2.4
         ref_indices.append(None if level.bank is None else fill_bank(level, tok, settings.seed))
+    if model.regional is not None:
+        fill_regional_bank(model, features[0][torch.from_numpy(train_idx)], settings.seed)
     bank_s = time.perf_counter() - start - feature_s
     # fused: one kernel for the whole update instead of a dozen small ops per tensor (about 6 % of a
     # demo step on one CPU thread, docs/benchmarks.md); the same arithmetic as the default loop
@@ -348,6 +397,10 @@ def train_model(
         config.level_norm = level_statistics(model, [f[torch.from_numpy(holdout_idx)] for f in features])
         log.info("level fusion statistics on %d held-out good images (mean, std per level): %s",
                  len(holdout_idx), [tuple(round(v, 6) for v in st) for st in config.level_norm])
+        if model.regional is not None:
+            config.regional_norm = regional_statistics(model, [f[torch.from_numpy(holdout_idx)] for f in features])
+            log.info("regional level statistics on the held-out images (mean, std): %s",
+                     tuple(round(v, 6) for v in config.regional_norm))
     model.eval().cpu()
     record = {
         "epochs": settings.epochs,
@@ -359,6 +412,7 @@ def train_model(
         "holdout": settings.holdout,
         "holdout_indices": [int(i) for i in holdout_idx],
         "level_norm": None if config.level_norm is None else [list(x) for x in config.level_norm],
+        "regional_norm": None if config.regional_norm is None else list(config.regional_norm),
         "compiled": compiled,
         "jitter": settings.jitter,
         "feature_seconds": round(feature_s, 2),

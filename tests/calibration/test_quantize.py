@@ -182,8 +182,10 @@ def test_int8_keeps_the_input_flat_field_in_fp32(tmp_path: Path):
     assert sum(name in sel.quantize for name in convs) > 10  # the backbone's convolutions are still INT8
 
 
-def test_int8_selection_keeps_the_nearest_patch_search_in_fp32():
-    """The bank distances feed an ArgMin: INT8 rounding would retrieve other patches (rule 7)."""
+@pytest.mark.parametrize("pick", ["ArgMin", "ReduceMin"])
+def test_int8_selection_keeps_the_nearest_patch_search_in_fp32(pick: str):
+    """The bank distances feed an ArgMin (the nearest-patch reference) or a ReduceMin (the regional
+    level score): INT8 rounding would retrieve other patches or move the score (rule 7)."""
     from onnx import TensorProto, helper
 
     rng = np.random.default_rng(0)
@@ -196,12 +198,14 @@ def test_int8_selection_keeps_the_nearest_patch_search_in_fp32():
         helper.make_node("MatMul", ["t", "bank"], ["xb"], name="search"),
         helper.make_node("Mul", ["xb", "two"], ["xb2"], name="scale"),
         helper.make_node("Sub", ["bank_norm", "xb2"], ["dist"], name="dist"),
-        helper.make_node("ArgMin", ["dist"], ["idx"], name="argmin", axis=-1, keepdims=0),
+        helper.make_node(pick, ["dist"], ["idx"], name="pick", axis=-1, keepdims=0) if pick == "ArgMin"
+        else helper.make_node(pick, ["dist"], ["idx"], name="pick", axes=[-1], keepdims=0),
     ]
     graph = helper.make_graph(
         nodes, "search", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8])],
-        [helper.make_tensor_value_info("idx", TensorProto.INT64, [1, 4])], [bank, bank_norm, proj_w, two],
+        [helper.make_tensor_value_info("idx", TensorProto.INT64 if pick == "ArgMin" else TensorProto.FLOAT, [1, 4])],
+        [bank, bank_norm, proj_w, two],
     )
     sel = select_int8_nodes(helper.make_model(graph), scope="all")
-    assert sel.excluded == {"search": "output feeds an ArgMin (nearest-patch search)"}
+    assert sel.excluded == {"search": "output feeds an ArgMin / ReduceMin (nearest-patch search)"}
     assert sel.quantize == ["proj"]

@@ -270,6 +270,9 @@ def test_eval_run_dir_works(tmp_path: Path, capsys: pytest.CaptureFixture[str], 
         (["--jitter", "-1"], r"--jitter -1\.0: give a scale between 0 \(off\) and 100"),
         (["--reference", "nearest", "--bank-size", "0"], r"--bank-size 0: give at least 1 patch"),
         (["--holdout", "0.1"], r"--holdout 0\.1 of 3 good images holds out 0; the level statistics need at least 2"),
+        (["--regional", "4"], r"--regional: regional 4: the regional window must be an odd number of grid cells >= 3"),
+        (["--regional", "13", "--holdout", "0"], r"--regional 13 needs held-out good images.*--holdout > 0"),
+        (["--regional", "13", "--regional-bank-size", "0"], r"--regional-bank-size 0: give at least 1 patch"),
     ],
 )
 def test_train_bad_level_options_exit_2_and_write_nothing(

@@ -11,8 +11,8 @@ import torch
 
 from fod.checkpoint import load_checkpoint, save_checkpoint
 from fod.errors import CheckpointError, DataError
-from fod.model import FODConfig, FODModel, parse_levels
-from fod.train import TrainSettings, level_statistics, split_holdout, train_model
+from fod.model import REGIONAL_TAU, FODConfig, FODModel, RegionalLevel, parse_levels
+from fod.train import TrainSettings, level_statistics, regional_statistics, split_holdout, train_model
 from tests.fod.conftest import synthetic_good_images
 
 
@@ -73,6 +73,10 @@ def test_parse_levels_forms_and_errors():
         ({"levels": ((8,), (64,))}, "not backbone stages"),
         ({"levels": ((8,), (16,)), "d_models": (32,)}, "one width per level"),
         ({"level_norm": ((0.1, 0.0), (0.2, 0.1))}, "std > 0"),
+        ({"regional": 4, "regional_bank_size": 8}, "odd number of grid cells >= 3"),
+        ({"regional": 3}, "needs a memory bank of at least 1 patch"),
+        ({"regional_bank_size": 8}, "without a regional level"),
+        ({"regional": 3, "regional_bank_size": 8, "regional_norm": (1.0, 0.5)}, "needs the levels' held-out"),
     ],
 )
 def test_invalid_configs_name_the_option(kwargs: dict, message: str):
@@ -172,6 +176,8 @@ def test_checkpoint_of_the_previous_format_still_loads(tmp_path: Path):
     loaded, _ = load_checkpoint(tmp_path / "run")
     assert loaded.config.levels == ((8,), (16,))
     assert loaded.config.level_norm is None
+    assert loaded.config.regional == 0
+    assert loaded.regional is None
     x = torch.randint(0, 256, (1, 64, 64, 3), dtype=torch.uint8)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x)[0], model(x)[0])
@@ -217,3 +223,85 @@ def test_the_default_configuration_builds_with_its_pretrained_weights():
     assert [tuple(f.shape[-2:]) for f in features] == [(size // min(lv), size // min(lv)) for lv in levels]
     assert [f.shape[1] for f in features] == [sum({16: 112, 32: 320}[s] for s in lv) for lv in levels]
     assert not torch.allclose(features[0], random_init[0])  # the ImageNet weights were loaded, not a random init
+
+
+def test_regional_level_averages_the_window_and_finds_the_nearest_bank_patch():
+    level = RegionalLevel(channels=2, context=3, bank_size=2)
+    feature = torch.arange(2 * 4 * 4, dtype=torch.float32).reshape(1, 2, 4, 4)
+    pooled = level.pool(feature)
+    # corner (0, 0): the 2 x 2 cells inside the grid, not 9 with zeros
+    torch.testing.assert_close(pooled[0, :, 0, 0], feature[0, :, :2, :2].mean((1, 2)))
+    torch.testing.assert_close(pooled[0, :, 1, 1], feature[0, :, :3, :3].mean((1, 2)))
+    bank = torch.stack([pooled[0, :, 1, 1], torch.tensor([100.0, 100.0])])  # [M, C]
+    level.set_bank(bank)
+    dist = level(feature)
+    assert dist.shape == (1, 1, 4, 4)
+    assert float(dist[0, 0, 1, 1]) == pytest.approx(0.0, abs=1e-3)
+    expected = torch.cdist(pooled.flatten(2).transpose(1, 2), bank[None]).amin(-1).reshape(1, 1, 4, 4)
+    torch.testing.assert_close(dist, expected, rtol=1e-4, atol=1e-3)
+
+
+def test_regional_map_adds_only_where_the_local_map_is_flat():
+    config = FODConfig(image_size=64, levels=((16, 32),), d_models=(16,), heads=2, layers=1, ffn_mult=2,
+                       level_norm=((0.5, 0.1),), regional=3, regional_bank_size=4)
+    torch.manual_seed(0)
+    model = FODModel(config, pretrained=False).eval()
+    images = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        inputs = model.level_inputs(model.backbone(images))
+        model.regional.set_bank(torch.randn(4, inputs[0].shape[1]))
+        local = model.fuse(model.level_maps(inputs))
+        without, _ = model.maps_from_features(inputs)  # regional_norm None: not measured, no part
+        torch.testing.assert_close(without, local)
+        config.regional_norm = (1.0, 0.5)
+        amap, score = model.maps_from_features(inputs)
+        regional = model.smoothing(torch.relu((model.regional_map(inputs) - 1.0) / 0.5))
+    torch.testing.assert_close(amap, local + regional * torch.exp(-local / REGIONAL_TAU))
+    torch.testing.assert_close(score, amap.amax(dim=(1, 2, 3)))
+    # the gate: where the local map is high, the regional map adds at most exp(-local / tau) of itself
+    lift = amap - local
+    assert bool((lift <= regional * torch.exp(-local / REGIONAL_TAU) + 1e-6).all())
+    assert float(lift.max()) > 0
+
+
+def test_regional_level_trained_saved_reloaded_and_exported(tmp_path: Path):
+    images = synthetic_good_images(12, 64, seed=3)
+    config = FODConfig(image_size=64, levels=((16, 32),), d_models=(16,), heads=2, layers=1, ffn_mult=2,
+                       reference="nearest", bank_size=64, anchor=True, score="rec", regional=3,
+                       regional_bank_size=32)
+    model, record = train_model(images, config, TrainSettings(epochs=1, batch_size=4, progress=False, holdout=0.25))
+    norm = model.config.regional_norm
+    assert norm is not None
+    assert record["regional_norm"] == list(norm)
+    assert model.regional is not None
+    assert float(model.regional.bank_norm.min()) > 0  # filled from the training images
+    from fod.train import extract_features
+
+    held = torch.from_numpy(np.array(record["holdout_indices"]))
+    again = regional_statistics(model, [f[held] for f in extract_features(model, images)])
+    np.testing.assert_allclose(np.array(again), np.array(norm), rtol=1e-6)
+    record["data"] = {"count": 12, "sha256": "0" * 64, "root": "synthetic"}
+    save_checkpoint(tmp_path / "run", model, record)
+    loaded, _ = load_checkpoint(tmp_path / "run")
+    assert loaded.config.regional_norm == norm
+    x = torch.from_numpy(images[:3])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)[0], model(x)[0])
+    from fod.export import export_package
+    from fod.runner import OnnxRuntimeRunner
+
+    export_package(tmp_path / "run", tmp_path / "pkg")  # raises when ONNX Runtime disagrees with PyTorch
+    with OnnxRuntimeRunner(tmp_path / "pkg" / "model.onnx", (64, 64)) as runner:
+        out = runner.infer(images[:3])
+    with torch.no_grad():
+        torch_map, torch_score = model(x)
+    np.testing.assert_allclose(out.score, torch_score.numpy(), rtol=1e-3)
+    np.testing.assert_allclose(out.anomaly_map, torch_map.numpy(), rtol=1e-3, atol=1e-4)
+
+
+def test_regional_level_needs_held_out_images():
+    images = synthetic_good_images(4, 64, seed=3)
+    config = FODConfig(image_size=64, levels=((16, 32),), d_models=(16,), heads=2, layers=1, ffn_mult=2,
+                       regional=3, regional_bank_size=8)
+    with pytest.raises(DataError, match=r"--regional 3 needs held-out good images.*--holdout > 0"):
+        train_model(images, config, TrainSettings(epochs=1, progress=False, holdout=0.0))
