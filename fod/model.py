@@ -217,7 +217,7 @@ class FODConfig:
                         "regional_norm without level_norm: the regional level's gate needs the levels' held-out "
                         "statistics (train with --holdout > 0)"
                     )
-        elif self.regional < 0 or self.regional_bank_size or self.regional_norm is not None:
+        elif self.regional_bank_size or self.regional_norm is not None:
             raise CheckpointError(
                 f"regional {self.regional} with regional_bank_size {self.regional_bank_size} and regional_norm "
                 f"{self.regional_norm}: without a regional level (0) both must be unset (0, None)"
