@@ -12,7 +12,7 @@ from fod.backbone_names import BACKBONE_NAMES  # torch-free, so that `fod --help
 # the defaults of `fod train`, chosen by the ablation in docs/results.md
 DEFAULTS: dict[str, Any] = {"epochs": 8, "backbone": "efficientnet_lite1", "image_size": 384, "levels": "16+32",
                             "jitter": 0.0, "reference": "nearest", "bank_size": 16384, "score": "rec",
-                            "intensity": "flat", "anchor": True, "regional": 0, "regional_bank_size": 4096}
+                            "intensity": "flat", "anchor": True, "regional": "auto", "regional_bank_size": 4096}
 
 
 def add_parser(sub: Any) -> None:
@@ -63,11 +63,13 @@ def add_parser(sub: Any) -> None:
                         "brightness and contrast; 'flat' first divides out slow illumination gradients (a Gaussian "
                         "of sigma image-size/12); 'none' feeds the raw frame (the paper's). "
                         f"Default {DEFAULTS['intensity']}")
-    p.add_argument("--regional", type=int, default=DEFAULTS["regional"], metavar="K",
+    p.add_argument("--regional", default=DEFAULTS["regional"], metavar="K",
                    help="a regional level beside the first level: its input averaged over K x K grid cells (odd, "
                         ">= 3; 13 is about half a 384 px frame at stride 16), scored by the distance to the nearest "
                         "averaged training patch and added to the map where the patches see nothing; for large "
-                        f"regions of odd texture. Needs --holdout > 0. 0 = none (default {DEFAULTS['regional']})")
+                        "regions of odd texture. Needs --holdout > 0. 0 = none; 'auto' = half the grid on surface "
+                        "textures, none on aligned objects, decided from the training images' features "
+                        f"(default {DEFAULTS['regional']})")
     p.add_argument("--regional-bank-size", type=int, default=DEFAULTS["regional_bank_size"],
                    help="memory-bank patches of the regional level (a greedy coreset; default "
                         f"{DEFAULTS['regional_bank_size']})")
@@ -98,14 +100,20 @@ def run(args: argparse.Namespace) -> int:
     d_models = tuple(args.d_models) if args.d_models else tuple(128 if min(lv) <= 8 else 256 for lv in levels)
     if args.bank_size < 1:
         raise OptionError(f"--bank-size {args.bank_size}: give at least 1 patch (default {DEFAULTS['bank_size']})")
-    if args.regional and args.regional_bank_size < 1:
+    regional_auto = args.regional == "auto"
+    try:
+        regional = 0 if regional_auto else int(args.regional)
+    except ValueError:
+        raise OptionError(f"--regional {args.regional}: give 'auto', 0 (none) or an odd window side >= 3 "
+                          f"(default {DEFAULTS['regional']})") from None
+    if (regional or regional_auto) and args.regional_bank_size < 1:
         raise OptionError(f"--regional-bank-size {args.regional_bank_size}: give at least 1 patch "
                           f"(default {DEFAULTS['regional_bank_size']})")
     config = FODConfig(backbone=args.backbone, image_size=args.image_size, levels=levels, d_models=d_models,
                        reference=args.reference, bank_size=args.bank_size if args.reference == "nearest" else 0,
                        score=args.score, anchor=args.anchor,
                        flat_sigma=args.image_size / 12 if args.intensity == "flat" else 0.0,
-                       regional=args.regional, regional_bank_size=args.regional_bank_size if args.regional else 0)
+                       regional=regional, regional_bank_size=args.regional_bank_size if regional else 0)
     try:
         config.validate()
     except CheckpointError as exc:
@@ -115,15 +123,16 @@ def run(args: argparse.Namespace) -> int:
         raise OptionError(f"{opt}: {exc}") from None
     if not 0.0 <= args.holdout <= 0.5:
         raise OptionError(f"--holdout {args.holdout}: give a share between 0 and 0.5 (default 0.1)")
-    if args.regional and args.holdout == 0:
-        raise OptionError(f"--regional {args.regional} needs held-out good images for its statistics: pass "
+    if regional and args.holdout == 0:
+        raise OptionError(f"--regional {regional} needs held-out good images for its statistics: pass "
                           "--holdout > 0 (default 0.1) or --regional 0")
     if not 0.0 <= args.jitter <= 100.0:
         raise OptionError(f"--jitter {args.jitter}: give a scale between 0 (off) and 100 (UniAD uses 20)")
     settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                              device=args.device, progress=not args.no_progress, holdout=args.holdout,
                              compile=args.compile, jitter=args.jitter,
-                             standardize=args.intensity != "none")
+                             standardize=args.intensity != "none", regional_auto=regional_auto,
+                             regional_bank_size=args.regional_bank_size)
     path, record = train_run(args.data, args.out, config, settings)
     summary = {k: v for k, v in record.items() if k != "history"}
     (Path(args.out) / "train.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -273,6 +273,9 @@ def test_eval_run_dir_works(tmp_path: Path, capsys: pytest.CaptureFixture[str], 
         (["--regional", "4"], r"--regional: regional 4: the regional window must be an odd number of grid cells >= 3"),
         (["--regional", "13", "--holdout", "0"], r"--regional 13 needs held-out good images.*--holdout > 0"),
         (["--regional", "13", "--regional-bank-size", "0"], r"--regional-bank-size 0: give at least 1 patch"),
+        (["--regional", "half"], r"--regional half: give 'auto', 0 \(none\) or an odd window side >= 3 "
+                                 r"\(default auto\)"),
+        (["--regional-bank-size", "0"], r"--regional-bank-size 0: give at least 1 patch"),  # with the default auto
     ],
 )
 def test_train_bad_level_options_exit_2_and_write_nothing(

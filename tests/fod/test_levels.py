@@ -12,7 +12,17 @@ import torch
 from fod.checkpoint import load_checkpoint, save_checkpoint
 from fod.errors import CheckpointError, DataError
 from fod.model import REGIONAL_TAU, FODConfig, FODModel, RegionalLevel, parse_levels
-from fod.train import TrainSettings, level_statistics, regional_statistics, split_holdout, train_model
+from fod.train import (
+    POSITION_SHARE_MAX,
+    TrainSettings,
+    auto_regional,
+    image_position_share,
+    level_statistics,
+    position_share,
+    regional_statistics,
+    split_holdout,
+    train_model,
+)
 from tests.fod.conftest import synthetic_good_images
 
 
@@ -305,3 +315,63 @@ def test_regional_level_needs_held_out_images():
                        regional=3, regional_bank_size=8)
     with pytest.raises(DataError, match=r"--regional 3 needs held-out good images.*--holdout > 0"):
         train_model(images, config, TrainSettings(epochs=1, progress=False, holdout=0.0))
+
+
+def _aligned_objects(n: int, size: int, seed: int) -> np.ndarray:
+    """``[n, size, size, 3]`` uint8: a bright disc on a dark ground at the same place in every frame."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    disc = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 4) ** 2) * 160.0
+    return np.stack([np.clip(40 + disc + rng.normal(0, 4, (size, size)), 0, 255).astype(np.uint8)[..., None]
+                     .repeat(3, -1) for _ in range(n)])
+
+
+def test_position_share_by_hand_and_on_textures_and_objects():
+    # the same two positions in both images: all variance is position; swapped: none is
+    aligned = torch.tensor([[[[0.0, 2.0]]], [[[0.0, 2.0]]]])
+    swapped = torch.tensor([[[[0.0, 2.0]]], [[[2.0, 0.0]]]])
+    assert position_share(aligned) == pytest.approx(1.0)
+    assert position_share(swapped) == pytest.approx(0.0)
+    assert position_share(torch.ones(3, 2, 4, 4)) == 0.0  # constant: no variance to explain
+    gen = torch.Generator().manual_seed(0)
+    texture = torch.randn(64, 8, 6, 6, generator=gen)  # every position drawn alike
+    pattern = torch.randn(1, 8, 6, 6, generator=gen) * 3.0
+    obj = pattern + torch.randn(64, 8, 6, 6, generator=gen)  # each position its own mean
+    assert position_share(texture, batch=5) < 0.05  # about 1/N from the sampling of the means
+    assert position_share(obj, batch=5) > 0.85  # 9 / (9 + 1) with the sampling
+    assert position_share(texture, batch=5) == pytest.approx(position_share(texture, batch=64), rel=1e-9)
+    # on pixels: a striped texture of random phase against a disc at the same place in every frame
+    assert image_position_share(synthetic_good_images(12, 128, seed=3), batch=5) < 0.3
+    assert image_position_share(_aligned_objects(12, 128, seed=4)) > 0.95
+
+
+@pytest.mark.parametrize(("share", "grid", "k"), [(0.32, 24, 13), (0.3, 16, 9), (0.3, 20, 11), (0.49, 4, 3),
+                                                  (0.3, 3, 0), (POSITION_SHARE_MAX, 24, 0), (0.71, 16, 0)])
+def test_auto_regional_window_is_half_the_grid_on_textures_only(share: float, grid: int, k: int):
+    assert auto_regional(share, grid) == k
+
+
+def test_regional_auto_adds_the_level_on_a_texture_and_not_on_an_object():
+    def config() -> FODConfig:
+        return FODConfig(image_size=64, levels=((16, 32),), d_models=(16,), heads=2, layers=1, ffn_mult=2)
+
+    settings = TrainSettings(epochs=1, batch_size=4, progress=False, holdout=0.25, regional_auto=True,
+                             regional_bank_size=32)
+    model, record = train_model(synthetic_good_images(12, 64, seed=3), config(), settings)
+    auto = record["regional_auto"]
+    assert auto["position_share"] < POSITION_SHARE_MAX and auto["regional"] == 3  # grid 4 -> K 3
+    assert "surface texture" in auto["why"]
+    assert model.config.regional == record["regional"] == 3 and model.regional is not None
+    assert model.config.regional_bank_size == 32 and model.config.regional_norm is not None
+    assert float(model.regional.bank_norm.min()) > 0  # filled like an explicit --regional 3
+    model, record = train_model(_aligned_objects(12, 64, seed=4), config(), settings)
+    assert record["regional_auto"]["position_share"] >= POSITION_SHARE_MAX
+    assert "aligned object" in record["regional_auto"]["why"]
+    assert model.regional is None and model.config.regional == 0 and model.config.regional_bank_size == 0
+    # no held-out images: no regional level, and no error (an explicit K is an error, above)
+    no_holdout = TrainSettings(epochs=1, batch_size=4, progress=False, holdout=0.0, regional_auto=True)
+    model, record = train_model(synthetic_good_images(6, 64, seed=3), config(), no_holdout)
+    assert model.regional is None and "--holdout 0" in record["regional_auto"]["why"]
+    with pytest.raises(ValueError, match="regional_auto needs config.regional 0"):
+        train_model(synthetic_good_images(6, 64, seed=3), FODConfig(image_size=64, levels=((16, 32),), d_models=(16,),
+                    regional=3, regional_bank_size=8), settings)

@@ -34,6 +34,9 @@ def test_training_on_hazelnut_beats_chance(hazelnut_run: tuple[Path, Path], tmp_
     record = json.loads((run / "train.json").read_text())
     assert record["train_images"] == 45  # 50 good images, 10 % held out for the level statistics
     assert len(record["holdout_files"]) == 5
+    # the default --regional auto sees an aligned object (measured share 0.88) and adds no regional level
+    assert record["regional_auto"]["position_share"] > 0.7
+    assert record["regional"] == 0 and "aligned object" in record["regional_auto"]["why"]
     losses = [epoch["loss"] for epoch in record["history"]]
     assert len(losses) == 3
     assert all(math.isfinite(v) for v in losses)
@@ -46,3 +49,17 @@ def test_training_on_hazelnut_beats_chance(hazelnut_run: tuple[Path, Path], tmp_
     assert report["pixel_auroc"] > 0.9
     assert report["image_auroc"] > 0.6
     assert report["pro"] > 0.6
+
+
+def test_regional_auto_tells_the_tile_surface_from_the_hazelnut(real_data: Path):
+    """The decision of ``--regional auto`` on both real data sets (docs/results.md, eleventh round)."""
+    from fod.data import list_images, load_images, train_folder
+    from fod.train import POSITION_SHARE_MAX, auto_regional, image_position_share
+
+    shares = {}
+    for name in ("magnetic-tile", "mvtec-ad-reduced/hazelnut"):
+        paths = list_images(train_folder(real_data / name))[::4]
+        shares[name] = image_position_share(load_images(paths, (64, 64)))
+    assert shares["magnetic-tile"] < 0.3 < POSITION_SHARE_MAX < 0.7 < shares["mvtec-ad-reduced/hazelnut"], shares
+    assert auto_regional(shares["magnetic-tile"], 384 // 16) == 13  # the defaults' 24-cell grid
+    assert auto_regional(shares["mvtec-ad-reduced/hazelnut"], 384 // 16) == 0
