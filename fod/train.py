@@ -127,8 +127,9 @@ def position_share(feature: torch.Tensor, batch: int = 64) -> float:
     """Share of the feature variance that the grid position explains (one-way ANOVA R^2 over positions).
 
     ``mean_p ||m_p - mu||^2 / mean_{n,p} ||f[n, :, p] - mu||^2``, with ``m_p`` the mean feature at grid
-    position p over the N images and ``mu`` the mean over images and positions: near 0 for a stationary surface texture (every position looks alike),
-    near 1 for an aligned object (each position has its own part of the object).
+    position p over the N images and ``mu`` the mean over images and positions: near 0 for a stationary
+    surface texture (every position looks alike), near 1 for an aligned object (each position has its own
+    part of the object).
 
     Args:
         feature: ``[N, C, h, w]`` float32, N >= 2 (:func:`image_position_share` passes grey levels).
@@ -514,7 +515,8 @@ def train_model(
 
 def _choose_regional(images: np.ndarray, config: FODConfig, settings: TrainSettings) -> dict[str, Any]:
     """Apply ``--regional auto`` to ``config`` from the training images ``[n, S, S, 3]`` uint8; returns what
-    was measured and chosen, for the training record."""
+    was measured and chosen, for the training record.
+    """
     grid = config.image_size // min(config.levels[0])
     share = image_position_share(images)
     k = auto_regional(share, grid) if settings.holdout > 0 else 0

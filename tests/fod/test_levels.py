@@ -359,19 +359,25 @@ def test_regional_auto_adds_the_level_on_a_texture_and_not_on_an_object():
                              regional_bank_size=32)
     model, record = train_model(synthetic_good_images(12, 64, seed=3), config(), settings)
     auto = record["regional_auto"]
-    assert auto["position_share"] < POSITION_SHARE_MAX and auto["regional"] == 3  # grid 4 -> K 3
+    assert auto["position_share"] < POSITION_SHARE_MAX
+    assert auto["regional"] == 3  # grid 4 -> K 3
     assert "surface texture" in auto["why"]
-    assert model.config.regional == record["regional"] == 3 and model.regional is not None
-    assert model.config.regional_bank_size == 32 and model.config.regional_norm is not None
+    assert model.config.regional == record["regional"] == 3
+    assert model.regional is not None
+    assert model.config.regional_bank_size == 32
+    assert model.config.regional_norm is not None
     assert float(model.regional.bank_norm.min()) > 0  # filled like an explicit --regional 3
     model, record = train_model(_aligned_objects(12, 64, seed=4), config(), settings)
     assert record["regional_auto"]["position_share"] >= POSITION_SHARE_MAX
     assert "aligned object" in record["regional_auto"]["why"]
-    assert model.regional is None and model.config.regional == 0 and model.config.regional_bank_size == 0
+    assert model.regional is None
+    assert model.config.regional == 0
+    assert model.config.regional_bank_size == 0
     # no held-out images: no regional level, and no error (an explicit K is an error, above)
     no_holdout = TrainSettings(epochs=1, batch_size=4, progress=False, holdout=0.0, regional_auto=True)
     model, record = train_model(synthetic_good_images(6, 64, seed=3), config(), no_holdout)
-    assert model.regional is None and "--holdout 0" in record["regional_auto"]["why"]
-    with pytest.raises(ValueError, match="regional_auto needs config.regional 0"):
+    assert model.regional is None
+    assert "--holdout 0" in record["regional_auto"]["why"]
+    with pytest.raises(ValueError, match=r"regional_auto needs config\.regional 0"):
         train_model(synthetic_good_images(6, 64, seed=3), FODConfig(image_size=64, levels=((16, 32),), d_models=(16,),
                     regional=3, regional_bank_size=8), settings)
