@@ -76,7 +76,8 @@ class TrainSettings:
 
 COMPILE_MIN_STEPS = 3000  # below this the one-off compile costs more than it saves
 POSITION_SHARE_MAX = 0.5
-"""Largest :func:`image_position_share` of a surface texture for ``--regional auto``. Measured on the training
+"""``--regional auto``: an :func:`image_position_share` below this is a surface texture, this or more an
+aligned object. Measured on the training
 images: magnetic-tile 0.16 (a texture; the regional level lifts pixel AUROC 0.849 -> 0.870), MVTec hazelnut
 0.87 (an aligned object; it would cost PRO 0.817 -> 0.585 at K 13, 0.759 at K 9). docs/results.md, eleventh
 round."""
@@ -124,21 +125,28 @@ def _mean_std(maps: Any) -> tuple[float, float]:
 
 @torch.no_grad()
 def position_share(feature: torch.Tensor, batch: int = 64) -> float:
-    """Share of the feature variance that the grid position explains (one-way ANOVA R^2 over positions).
+    """Share of the feature variance that the grid position explains (one-way ANOVA, adjusted R^2).
 
-    ``mean_p ||m_p - mu||^2 / mean_{n,p} ||f[n, :, p] - mu||^2``, with ``m_p`` the mean feature at grid
-    position p over the N images and ``mu`` the mean over images and positions: near 0 for a stationary
-    surface texture (every position looks alike), near 1 for an aligned object (each position has its own
-    part of the object).
+    ``(B - W / (N - 1)) / T`` with ``T = mean_{n,p} ||f[n, :, p] - mu||^2`` (total), ``B = mean_p ||m_p -
+    mu||^2`` (between positions; ``m_p`` the mean feature at grid position p over the N images, ``mu`` the
+    mean over images and positions) and ``W = T - B`` (within positions). The ``W / (N - 1)`` term removes
+    the scatter that N samples put into the position means by chance (without it pure noise reads 0.5 at
+    N = 2, 0.1 at N = 10). Near 0 for a stationary surface texture (every position looks alike), near 1 for
+    an aligned object (each position has its own part of the object).
 
     Args:
-        feature: ``[N, C, h, w]`` float32, N >= 2 (:func:`image_position_share` passes grey levels).
+        feature: ``[N, C, h, w]`` float32 (:func:`image_position_share` passes grey levels).
         batch: images per float64 accumulation step (bounds the memory).
 
     Returns:
         the share in [0, 1] (0 for a constant feature).
+
+    Raises:
+        ValueError: fewer than 2 images.
     """
     n = feature.shape[0]
+    if n < 2:
+        raise ValueError(f"position_share needs at least 2 images, got {n}")
     s1 = torch.zeros(feature.shape[1:], dtype=torch.float64)
     sq = 0.0
     for i in range(0, n, batch):
@@ -150,21 +158,32 @@ def position_share(feature: torch.Tensor, batch: int = 64) -> float:
     cells = feature.shape[2] * feature.shape[3]
     total = sq / (n * cells) - float(mu.square().sum())
     between = float((per_position - mu).square().sum(0).mean())
-    return 0.0 if total <= 0 else min(max(between / total, 0.0), 1.0)
+    if total <= 0:
+        return 0.0
+    return min(max((between - (total - between) / (n - 1)) / total, 0.0), 1.0)
 
 
 def image_position_share(images: np.ndarray, side: int = 32, batch: int = 64) -> float:
     """:func:`position_share` of the grey levels (channel mean) averaged to ``side`` x ``side`` cells.
 
     Pixels, not backbone features: a CNN's zero padding gives its border cells a fixed signature that makes
-    a very uniform texture look position-bound (synthetic stripes: 0.93 on features, 0.16 here).
+    a very uniform texture look position-bound (synthetic stripes: 0.93 on features, 0.16 here). The raw
+    frames, before ``--intensity`` conditioning: a fixed illumination gradient counts as position.
 
     Args:
-        images: ``[N, S, S, 3]`` uint8, N >= 2, S >= ``side``.
+        images: ``[N, S, S, 3]`` uint8 (the model inputs), N >= 2; S below ``side`` is upsampled.
+        side: cells per side (32: fine enough to see an object's outline, coarse enough to average a
+            texture's grain).
+        batch: images per step (bounds the float32 copy).
 
     Returns:
         the share in [0, 1]: near 0 for a surface texture, near 1 for an aligned object.
+
+    Raises:
+        ValueError: fewer than 2 images.
     """
+    if len(images) < 2:
+        raise ValueError(f"image_position_share needs at least 2 images, got {len(images)}")
     cells = torch.cat([
         F.adaptive_avg_pool2d(torch.from_numpy(images[i : i + batch]).float().mean(-1)[:, None], side)
         for i in range(0, len(images), batch)
@@ -175,10 +194,11 @@ def image_position_share(images: np.ndarray, side: int = 32, batch: int = 64) ->
 def auto_regional(share: float, grid: int) -> int:
     """``--regional auto``: the regional window K for a first-level grid of ``grid`` x ``grid`` cells.
 
-    K is half the grid rounded up to an odd number (24 -> 13, 16 -> 9, 20 -> 11: the window that lifted
-    magnetic-tile's "uneven" regions, docs/results.md tenth and eleventh rounds) when the training
-    images are a surface texture (``share`` < :data:`POSITION_SHARE_MAX`), else 0 (none): on an aligned
-    object a window of half the frame spans the whole object and lifts its normal pixels.
+    K is the odd number nearest half the grid, the larger on a tie (24 -> 13, 16 -> 9, 20 -> 11, 7 -> 3:
+    the window that lifted magnetic-tile's "uneven" regions, docs/results.md tenth and eleventh rounds)
+    when the training images are a surface texture (``share`` < :data:`POSITION_SHARE_MAX`), else 0
+    (none): on an aligned object a window of half the frame spans the whole object and lifts its normal
+    pixels.
 
     Args:
         share: :func:`image_position_share` of the training images.

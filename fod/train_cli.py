@@ -67,9 +67,9 @@ def add_parser(sub: Any) -> None:
                    help="a regional level beside the first level: its input averaged over K x K grid cells (odd, "
                         ">= 3; 13 is about half a 384 px frame at stride 16), scored by the distance to the nearest "
                         "averaged training patch and added to the map where the patches see nothing; for large "
-                        "regions of odd texture. Needs --holdout > 0. 0 = none; 'auto' = half the grid on surface "
-                        "textures, none on aligned objects, decided from the training images' features "
-                        f"(default {DEFAULTS['regional']})")
+                        "regions of odd texture; a K needs --holdout > 0. 0 = none; 'auto' = half the grid on surface "
+                        "textures, none on aligned objects (or with --holdout 0), decided from the training images' "
+                        f"grey levels (default {DEFAULTS['regional']})")
     p.add_argument("--regional-bank-size", type=int, default=DEFAULTS["regional_bank_size"],
                    help="memory-bank patches of the regional level (a greedy coreset; default "
                         f"{DEFAULTS['regional_bank_size']})")
@@ -120,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
         msg = str(exc)
         opt = ("--image-size" if "image size" in msg else "--d-models" if "d_models" in msg
                else "--regional" if msg.startswith("regional") else "--levels")
-        raise OptionError(f"{opt}: {exc}") from None
+        hint = " (or 'auto', the default)" if opt == "--regional" else ""
+        raise OptionError(f"{opt}: {exc}{hint}") from None
     if not 0.0 <= args.holdout <= 0.5:
         raise OptionError(f"--holdout {args.holdout}: give a share between 0 and 0.5 (default 0.1)")
     if regional and args.holdout == 0:

@@ -340,6 +340,11 @@ def test_position_share_by_hand_and_on_textures_and_objects():
     assert position_share(texture, batch=5) < 0.05  # about 1/N from the sampling of the means
     assert position_share(obj, batch=5) > 0.85  # 9 / (9 + 1) with the sampling
     assert position_share(texture, batch=5) == pytest.approx(position_share(texture, batch=64), rel=1e-9)
+    # few images: the chance scatter of the position means is removed (plain R^2 of 3 noise images: ~1/3)
+    few = torch.randn(3, 4, 16, 16, generator=gen)
+    assert position_share(few) < 0.05
+    with pytest.raises(ValueError, match="at least 2 images, got 1"):
+        position_share(few[:1])
     # on pixels: a striped texture of random phase against a disc at the same place in every frame
     assert image_position_share(synthetic_good_images(12, 128, seed=3), batch=5) < 0.3
     assert image_position_share(_aligned_objects(12, 128, seed=4)) > 0.95
