@@ -69,7 +69,8 @@ def add_parser(sub: Any) -> None:
                         "averaged training patch and added to the map where the patches see nothing; for large "
                         "regions of odd texture; a K needs --holdout > 0. 0 = none; 'auto' = half the grid on surface "
                         "textures, none on aligned objects (or with --holdout 0), decided from the training images' "
-                        f"grey levels (default {DEFAULTS['regional']})")
+                        "grey levels; parts that move in the frame read as a surface: pass 0 for them "
+                        f"(default {DEFAULTS['regional']})")
     p.add_argument("--regional-bank-size", type=int, default=DEFAULTS["regional_bank_size"],
                    help="memory-bank patches of the regional level (a greedy coreset; default "
                         f"{DEFAULTS['regional_bank_size']})")
