@@ -77,10 +77,9 @@ class TrainSettings:
 COMPILE_MIN_STEPS = 3000  # below this the one-off compile costs more than it saves
 POSITION_SHARE_MAX = 0.5
 """``--regional auto``: an :func:`image_position_share` below this is a surface texture, this or more an
-aligned object. Measured on the training
-images: magnetic-tile 0.16 (a texture; the regional level lifts pixel AUROC 0.849 -> 0.870), MVTec hazelnut
-0.87 (an aligned object; it would cost PRO 0.817 -> 0.585 at K 13, 0.759 at K 9). docs/results.md, eleventh
-round."""
+aligned object. Measured on the training images: magnetic-tile 0.16 (a texture; the regional level lifts
+pixel AUROC 0.849 -> 0.870), MVTec hazelnut 0.87 (an aligned object; it would cost PRO 0.817 -> 0.585 at
+K 13, 0.759 at K 9). docs/results.md, eleventh round."""
 
 
 def split_holdout(n: int, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -167,7 +166,8 @@ def image_position_share(images: np.ndarray, side: int = 32, batch: int = 64) ->
     """:func:`position_share` of the grey levels (channel mean) averaged to ``side`` x ``side`` cells.
 
     Pixels, not backbone features: a CNN's zero padding gives its border cells a fixed signature that makes
-    a very uniform texture look position-bound (synthetic stripes: 0.93 on features, 0.16 here). The raw
+    a very uniform texture look position-bound (the tests' synthetic stripes at 256 px: 0.93 on features, 0.08
+    here). The raw
     frames, before ``--intensity`` conditioning: a fixed illumination gradient counts as position.
 
     Args:

@@ -131,6 +131,27 @@ def test_holdout_split_and_its_errors():
         split_holdout(8, 0.9, seed=1)
 
 
+def _saved_reloaded_exported(model: FODModel, record: dict, images: np.ndarray, tmp_path: Path) -> FODModel:
+    """Save ``model``, reload it and export it; assert the reloaded checkpoint and ONNX Runtime give the same
+    maps and scores as ``model`` on three of ``images`` (the statistics travel as graph constants)."""
+    from fod.export import export_package
+    from fod.runner import OnnxRuntimeRunner
+
+    record["data"] = {"count": len(images), "sha256": "0" * 64, "root": "synthetic"}
+    save_checkpoint(tmp_path / "run", model, record)
+    loaded, _ = load_checkpoint(tmp_path / "run")
+    x = torch.from_numpy(images[:3])
+    with torch.no_grad():
+        torch_map, torch_score = model(x)
+        torch.testing.assert_close(loaded(x)[0], torch_map)
+    export_package(tmp_path / "run", tmp_path / "pkg")  # raises when ONNX Runtime disagrees with PyTorch
+    with OnnxRuntimeRunner(tmp_path / "pkg" / "model.onnx", (images.shape[1], images.shape[2])) as runner:
+        out = runner.infer(images[:3])
+    np.testing.assert_allclose(out.score, torch_score.numpy(), rtol=1e-3)
+    np.testing.assert_allclose(out.anomaly_map, torch_map.numpy(), rtol=1e-3, atol=1e-4)
+    return loaded
+
+
 def test_statistics_measured_saved_reloaded_and_exported(tmp_path: Path):
     images = synthetic_good_images(12, 64, seed=3)
     config = FODConfig(image_size=64, levels=((16,), (32,)), d_models=(16, 16), heads=2, layers=1, ffn_mult=2)
@@ -146,23 +167,8 @@ def test_statistics_measured_saved_reloaded_and_exported(tmp_path: Path):
     held = torch.from_numpy(np.array(record["holdout_indices"]))
     again = level_statistics(model, [f[held] for f in extract_features(model, images)])
     np.testing.assert_allclose(np.array(again), np.array(norm), rtol=1e-6)
-    record["data"] = {"count": 12, "sha256": "0" * 64, "root": "synthetic"}
-    save_checkpoint(tmp_path / "run", model, record)
-    loaded, _ = load_checkpoint(tmp_path / "run")
+    loaded = _saved_reloaded_exported(model, record, images, tmp_path)
     assert loaded.config.level_norm == norm
-    x = torch.from_numpy(images[:3])
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(x)[1], model(x)[1])
-    # the exported graph carries the statistics as constants: ONNX Runtime equals the checkpoint
-    from fod.export import export_package
-    from fod.runner import OnnxRuntimeRunner
-
-    export_package(tmp_path / "run", tmp_path / "pkg")
-    with OnnxRuntimeRunner(tmp_path / "pkg" / "model.onnx", (64, 64)) as runner:
-        out = runner.infer(images[:3])
-    with torch.no_grad():
-        _, torch_score = model(x)
-    np.testing.assert_allclose(out.score, torch_score.numpy(), rtol=1e-3)
 
 
 def test_checkpoint_of_the_previous_format_still_loads(tmp_path: Path):
@@ -290,23 +296,8 @@ def test_regional_level_trained_saved_reloaded_and_exported(tmp_path: Path):
     held = torch.from_numpy(np.array(record["holdout_indices"]))
     again = regional_statistics(model, [f[held] for f in extract_features(model, images)])
     np.testing.assert_allclose(np.array(again), np.array(norm), rtol=1e-6)
-    record["data"] = {"count": 12, "sha256": "0" * 64, "root": "synthetic"}
-    save_checkpoint(tmp_path / "run", model, record)
-    loaded, _ = load_checkpoint(tmp_path / "run")
+    loaded = _saved_reloaded_exported(model, record, images, tmp_path)
     assert loaded.config.regional_norm == norm
-    x = torch.from_numpy(images[:3])
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(x)[0], model(x)[0])
-    from fod.export import export_package
-    from fod.runner import OnnxRuntimeRunner
-
-    export_package(tmp_path / "run", tmp_path / "pkg")  # raises when ONNX Runtime disagrees with PyTorch
-    with OnnxRuntimeRunner(tmp_path / "pkg" / "model.onnx", (64, 64)) as runner:
-        out = runner.infer(images[:3])
-    with torch.no_grad():
-        torch_map, torch_score = model(x)
-    np.testing.assert_allclose(out.score, torch_score.numpy(), rtol=1e-3)
-    np.testing.assert_allclose(out.anomaly_map, torch_map.numpy(), rtol=1e-3, atol=1e-4)
 
 
 def test_regional_level_needs_held_out_images():
