@@ -55,7 +55,7 @@ class TrainSettings:
             the training images (:func:`fod.intensity.intensity_statistics`), which are saved in the
             config (:attr:`FODConfig.intensity`). False keeps ``config.intensity`` as given.
         regional_auto: let the training images decide the regional level (:func:`auto_regional`): a window
-            of about half the first level's grid on surface textures, none on aligned objects. Needs
+            of about 4/5 of the first level's grid on surface textures, none on aligned objects. Needs
             ``config.regional`` 0; no regional level when ``holdout`` is 0 (no images for its statistics).
         regional_bank_size: memory-bank patches of a regional level chosen by ``regional_auto``.
     """
@@ -194,21 +194,21 @@ def image_position_share(images: np.ndarray, side: int = 32, batch: int = 64) ->
 def auto_regional(share: float, grid: int) -> int:
     """``--regional auto``: the regional window K for a first-level grid of ``grid`` x ``grid`` cells.
 
-    K is the odd number nearest half the grid, the larger on a tie (24 -> 13, 16 -> 9, 20 -> 11, 7 -> 3:
-    the window that lifted magnetic-tile's "uneven" regions, docs/results.md tenth and eleventh rounds)
+    K is the odd number nearest 4/5 of the grid, the larger on a tie (24 -> 19, 16 -> 13, 20 -> 17,
+    7 -> 5: with the peak-relative map the window that scored magnetic-tile's "uneven" regions best,
+    docs/results.md twelfth round; without it the gain flattened out at half the grid, eleventh round)
     when the training images are a surface texture (``share`` < :data:`POSITION_SHARE_MAX`), else 0
-    (none): on an aligned object a window of half the frame spans the whole object and lifts its normal
-    pixels.
+    (none): on an aligned object such a window spans the whole object and lifts its normal pixels.
 
     Args:
         share: :func:`image_position_share` of the training images.
         grid: side of the first level's grid in cells (image size / its stride).
 
     Returns:
-        K (odd, >= 3) or 0.
+        K (odd, >= 3, smaller than the grid) or 0 (also for a grid under 4 cells).
     """
-    k = 2 * (grid // 4) + 1
-    return k if share < POSITION_SHARE_MAX and k >= 3 else 0
+    k = 2 * math.floor(0.4 * grid) + 1
+    return k if share < POSITION_SHARE_MAX and 3 <= k < grid else 0
 
 
 @torch.no_grad()
@@ -244,6 +244,22 @@ def regional_statistics(model: FODModel, inputs: list[torch.Tensor], batch_size:
     device = next(model.levels.parameters()).device  # type: ignore[attr-defined]
     return _mean_std(model.regional_map([inputs[0][i : i + batch_size].to(device)])
                      for i in range(0, len(inputs[0]), batch_size))
+
+
+@torch.no_grad()
+def peak_floor_statistic(model: FODModel, inputs: list[torch.Tensor], batch_size: int = 16) -> float:
+    """:attr:`FODConfig.peak_floor`: the largest peak of :meth:`FODModel.fused_map` (the map before the
+    peak-relative step) over held-out good images (level inputs as for :func:`level_statistics`), in the
+    map's units. Measure it after the level (and regional) statistics, which the fused map uses.
+
+    Raises:
+        ValueError: no images (``inputs`` of length 0).
+    """
+    if not len(inputs[0]):
+        raise ValueError("the peak floor needs at least 1 held-out image, got 0")
+    device = next(model.levels.parameters()).device  # type: ignore[attr-defined]
+    return max(float(model.fused_map([f[i : i + batch_size].to(device) for f in inputs]).amax())
+               for i in range(0, len(inputs[0]), batch_size))
 
 
 @torch.no_grad()
@@ -417,6 +433,7 @@ def train_model(
     device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     config.level_norm = None
     config.regional_norm = None
+    config.peak_floor = 0.0
     if settings.standardize:
         config.intensity = intensity_statistics(images[train_idx])
         log.info("intensity standardisation: each frame to mean %.1f, std %.1f grey levels (the training images' "
@@ -505,6 +522,10 @@ def train_model(
             config.regional_norm = regional_statistics(model, [f[torch.from_numpy(holdout_idx)] for f in features])
             log.info("regional level statistics on the held-out images (mean, std): %s",
                      tuple(round(v, 6) for v in config.regional_norm))
+        if config.map_power != 1.0:
+            config.peak_floor = peak_floor_statistic(model, [f[torch.from_numpy(holdout_idx)] for f in features])
+            log.info("peak-relative map (power %g): floor %.4f, the largest peak of the %d held-out good images",
+                     config.map_power, config.peak_floor, len(holdout_idx))
     model.eval().cpu()
     record = {
         "epochs": settings.epochs,
@@ -519,6 +540,8 @@ def train_model(
         "regional_norm": None if config.regional_norm is None else list(config.regional_norm),
         "regional": config.regional,
         "regional_auto": auto,
+        "map_power": config.map_power,
+        "peak_floor": config.peak_floor,
         "compiled": compiled,
         "jitter": settings.jitter,
         "feature_seconds": round(feature_s, 2),

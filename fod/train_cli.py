@@ -9,10 +9,13 @@ from typing import Any
 
 from fod.backbone_names import BACKBONE_NAMES  # torch-free, so that `fod --help` does not import torch
 
+MAP_POWER_MAX = 8.0  # fod.model.MAP_POWER_MAX (not imported: fod.model imports torch)
+
 # the defaults of `fod train`, chosen by the ablation in docs/results.md
 DEFAULTS: dict[str, Any] = {"epochs": 8, "backbone": "efficientnet_lite1", "image_size": 384, "levels": "16+32",
                             "jitter": 0.0, "reference": "nearest", "bank_size": 16384, "score": "rec",
-                            "intensity": "flat", "anchor": True, "regional": "auto", "regional_bank_size": 4096}
+                            "intensity": "flat", "anchor": True, "regional": "auto", "regional_bank_size": 4096,
+                            "map_power": 2.0}
 
 
 def add_parser(sub: Any) -> None:
@@ -65,15 +68,22 @@ def add_parser(sub: Any) -> None:
                         f"Default {DEFAULTS['intensity']}")
     p.add_argument("--regional", default=DEFAULTS["regional"], metavar="K",
                    help="a regional level beside the first level: its input averaged over K x K grid cells (odd, "
-                        ">= 3; 13 is about half a 384 px frame at stride 16), scored by the distance to the nearest "
+                        ">= 3; 19 is about 4/5 of a 384 px frame at stride 16), scored by the distance to the nearest "
                         "averaged training patch and added to the map where the patches see nothing; for large "
-                        "regions of odd texture; a K needs --holdout > 0. 0 = none; 'auto' = half the grid on surface "
-                        "textures, none on aligned objects (or with --holdout 0), decided from the training images' "
-                        "grey levels; parts that move in the frame read as a surface: pass 0 for them "
+                        "regions of odd texture; a K needs --holdout > 0. 0 = none; 'auto' = 4/5 of the grid on "
+                        "surface textures, none on aligned objects (or with --holdout 0), decided from the training "
+                        "images' grey levels; parts that move in the frame read as a surface: pass 0 for them "
                         f"(default {DEFAULTS['regional']})")
     p.add_argument("--regional-bank-size", type=int, default=DEFAULTS["regional_bank_size"],
                    help="memory-bank patches of the regional level (a greedy coreset; default "
                         f"{DEFAULTS['regional_bank_size']})")
+    p.add_argument("--map-power", type=float, default=DEFAULTS["map_power"], metavar="P",
+                   help="peak-relative anomaly map, the graph's last step: each frame's map m becomes "
+                        "D * (m / D) ** P, D the larger of its own peak and the largest peak of the held-out good "
+                        "images, so pixels far below their frame's peak count less (a defective part's raised "
+                        "background no longer outranks another part's defect) and the order of frames by score "
+                        f"is kept; 1 = the fused map as before, up to {MAP_POWER_MAX:g} "
+                        f"(default {DEFAULTS['map_power']:g})")
     p.add_argument("--batch-size", type=int, default=1,
                    help="images per step (default 1, the reference's; larger is faster per epoch but learns less)")
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4, the reference's)")
@@ -114,13 +124,15 @@ def run(args: argparse.Namespace) -> int:
                        reference=args.reference, bank_size=args.bank_size if args.reference == "nearest" else 0,
                        score=args.score, anchor=args.anchor,
                        flat_sigma=args.image_size / 12 if args.intensity == "flat" else 0.0,
-                       regional=regional, regional_bank_size=args.regional_bank_size if regional else 0)
+                       regional=regional, regional_bank_size=args.regional_bank_size if regional else 0,
+                       map_power=args.map_power)
     try:
         config.validate()
     except CheckpointError as exc:
         msg = str(exc)
         opt = ("--image-size" if "image size" in msg else "--d-models" if "d_models" in msg
-               else "--regional" if msg.startswith("regional") else "--levels")
+               else "--regional" if msg.startswith("regional") else "--map-power" if msg.startswith("map_power")
+               else "--levels")
         hint = " (or 'auto', the default)" if opt == "--regional" else ""
         raise OptionError(f"{opt}: {exc}{hint}") from None
     if not 0.0 <= args.holdout <= 0.5:

@@ -276,6 +276,9 @@ def test_eval_run_dir_works(tmp_path: Path, capsys: pytest.CaptureFixture[str], 
         (["--regional", "half"], r"--regional half: give 'auto', 0 \(none\) or an odd window side >= 3 "
                                  r"\(default auto\)"),
         (["--regional-bank-size", "0"], r"--regional-bank-size 0: give at least 1 patch"),  # with the default auto
+        (["--map-power", "0.5"], r"--map-power: map_power 0\.5: the peak-relative exponent must be from 1 \(off\) "
+                                 r"to 8"),
+        (["--map-power", "nan"], r"--map-power: map_power nan"),
     ],
 )
 def test_train_bad_level_options_exit_2_and_write_nothing(
@@ -299,3 +302,11 @@ def test_train_unknown_intensity_mode_exits_2_naming_the_choices(
     assert re.search(r"--intensity: invalid choice: 'gamma' \(choose from .*flat.*standardize.*none",
                      capsys.readouterr().err)
     assert not (tmp_path / "run").exists()
+
+
+def test_train_cli_map_power_limit_is_the_models() -> None:
+    from fod import train_cli
+    from fod.model import MAP_POWER_MAX
+
+    assert train_cli.MAP_POWER_MAX == MAP_POWER_MAX
+    assert 1.0 < train_cli.DEFAULTS["map_power"] <= MAP_POWER_MAX

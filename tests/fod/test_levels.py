@@ -18,6 +18,7 @@ from fod.train import (
     auto_regional,
     image_position_share,
     level_statistics,
+    peak_floor_statistic,
     position_share,
     regional_statistics,
     split_holdout,
@@ -169,6 +170,36 @@ def test_statistics_measured_saved_reloaded_and_exported(tmp_path: Path):
     np.testing.assert_allclose(np.array(again), np.array(norm), rtol=1e-6)
     loaded = _saved_reloaded_exported(model, record, images, tmp_path)
     assert loaded.config.level_norm == norm
+
+
+def test_peak_relative_map_floor_measured_saved_reloaded_and_exported(tmp_path: Path):
+    images = synthetic_good_images(12, 64, seed=5)
+    config = FODConfig(image_size=64, levels=((16,), (32,)), d_models=(16, 16), heads=2, layers=1, ffn_mult=2,
+                       map_power=2.0)
+    model, record = train_model(images, config, TrainSettings(epochs=1, batch_size=4, progress=False, holdout=0.25))
+    floor = model.config.peak_floor
+    assert record["map_power"] == 2.0
+    assert record["peak_floor"] == floor > 0
+    # the floor is the largest held-out peak of the map before the peak-relative step
+    from fod.train import extract_features
+
+    held = torch.from_numpy(np.array(record["holdout_indices"]))
+    inputs = [f[held] for f in extract_features(model, images)]
+    with torch.no_grad():
+        peaks = model.fused_map(inputs).amax(dim=(1, 2, 3))
+    assert floor == pytest.approx(float(peaks.max()), rel=1e-6)
+    assert peak_floor_statistic(model, inputs) == pytest.approx(floor, rel=1e-6)
+    loaded = _saved_reloaded_exported(model, record, images, tmp_path)
+    assert (loaded.config.map_power, loaded.config.peak_floor) == (2.0, floor)
+
+
+def test_peak_floor_is_zero_without_held_out_images():
+    images = synthetic_good_images(6, 64, seed=6)
+    config = FODConfig(image_size=64, levels=((16,),), d_models=(16,), heads=2, layers=1, ffn_mult=2, map_power=2.0)
+    model, record = train_model(images, config, TrainSettings(epochs=1, batch_size=3, progress=False, holdout=0.0))
+    assert model.config.peak_floor == record["peak_floor"] == 0.0
+    with pytest.raises(ValueError, match="at least 1 held-out image"):
+        peak_floor_statistic(model, [torch.zeros(0, 1, 1, 1)])
 
 
 def test_checkpoint_of_the_previous_format_still_loads(tmp_path: Path):
@@ -341,9 +372,10 @@ def test_position_share_by_hand_and_on_textures_and_objects():
     assert image_position_share(_aligned_objects(12, 128, seed=4)) > 0.95
 
 
-@pytest.mark.parametrize(("share", "grid", "k"), [(0.32, 24, 13), (0.3, 16, 9), (0.3, 20, 11), (0.49, 4, 3),
-                                                  (0.3, 3, 0), (POSITION_SHARE_MAX, 24, 0), (0.71, 16, 0)])
-def test_auto_regional_window_is_half_the_grid_on_textures_only(share: float, grid: int, k: int):
+@pytest.mark.parametrize(("share", "grid", "k"), [(0.32, 24, 19), (0.3, 16, 13), (0.3, 20, 17), (0.3, 7, 5),
+                                                  (0.49, 4, 3), (0.3, 3, 0), (POSITION_SHARE_MAX, 24, 0),
+                                                  (0.71, 16, 0)])
+def test_auto_regional_window_is_four_fifths_of_the_grid_on_textures_only(share: float, grid: int, k: int):
     assert auto_regional(share, grid) == k
 
 

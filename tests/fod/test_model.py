@@ -14,6 +14,7 @@ from fod.model import (
     FODLevel,
     FODModel,
     entropy,
+    peak_relative,
     rbf_target,
     sincos_position_2d,
     squared_distance_maps,
@@ -207,3 +208,82 @@ def test_shared_log_loss_has_the_gradient_of_the_literal_loss():
     assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-12)
     for a, b in zip(grads[0][1], grads[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_peak_relative_keeps_each_peak_and_ranks_a_raised_background_below_another_frames_defect():
+    # frame A: a strong defect (peak 10) on a raised background of 3; frame B: a weak defect (4) on 0.5
+    a = torch.full((1, 1, 8, 8), 3.0)
+    a[0, 0, 2, 2] = 10.0
+    b = torch.full((1, 1, 8, 8), 0.5)
+    b[0, 0, 5, 5] = 4.0
+    maps = torch.cat([a, b])
+    out = peak_relative(maps, 2.0)
+    torch.testing.assert_close(out.amax(dim=(1, 2, 3)), torch.tensor([10.0, 4.0]))  # the scores
+    assert maps[0, 0, 0, 0] < maps[1, 0, 5, 5]  # before: A's background 3 < B's defect 4 (already)
+    torch.testing.assert_close(out[0, 0, 0, 0], torch.tensor(0.9))  # 3 * 3 / 10
+    torch.testing.assert_close(out[1, 0, 0, 0], torch.tensor(0.0625))  # 0.5 * 0.5 / 4
+    # the within-frame order is kept and the map is scale-covariant
+    order = torch.argsort(maps.flatten(1), dim=1, stable=True)
+    assert torch.equal(torch.argsort(out.flatten(1), dim=1, stable=True), order)
+    torch.testing.assert_close(peak_relative(7.0 * maps, 2.0), 7.0 * out)
+    torch.testing.assert_close(peak_relative(maps, 3.0)[0, 0, 0, 0], torch.tensor(0.27))  # 10 * 0.3 ** 3
+
+
+def test_peak_relative_at_power_one_is_the_map_and_a_flat_zero_frame_stays_zero():
+    maps = torch.rand(2, 1, 6, 6)
+    assert peak_relative(maps, 1.0) is maps
+    zero = peak_relative(torch.zeros(1, 1, 4, 4), 2.0)
+    assert torch.equal(zero, torch.zeros(1, 1, 4, 4))
+    assert (peak_relative(maps - 0.5, 2.0) >= 0).all()  # negative values count as 0
+
+
+def test_peak_floor_puts_normal_looking_frames_on_one_scale_and_keeps_the_order_of_frames():
+    maps = torch.zeros(3, 1, 4, 4)
+    maps[:, 0, 0, 0] = torch.tensor([2.0, 5.0, 9.0])  # peaks: two under the floor of 6, one over
+    maps[:, 0, 3, 3] = 1.0  # the same background pixel in every frame
+    out = peak_relative(maps, 2.0, floor=6.0)
+    scores = out.amax(dim=(1, 2, 3))
+    torch.testing.assert_close(scores, torch.tensor([4.0 / 6.0, 25.0 / 6.0, 9.0]))  # M >= floor keeps M
+    assert torch.equal(torch.argsort(scores), torch.argsort(maps.amax(dim=(1, 2, 3))))
+    # under the floor the background is divided by the floor, not stretched up to the frame's small peak
+    torch.testing.assert_close(out[:2, 0, 3, 3], torch.tensor([1.0 / 6.0, 1.0 / 6.0]))
+    torch.testing.assert_close(peak_relative(maps, 2.0)[0, 0, 3, 3], torch.tensor(0.5))  # without: 1 / 2
+    torch.testing.assert_close(out[2, 0, 3, 3], torch.tensor(1.0 / 9.0))
+    torch.testing.assert_close(peak_relative(3.0 * maps, 2.0, floor=18.0), 3.0 * out)
+
+
+def test_map_power_is_applied_last_and_keeps_the_score(small_model):
+    images = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
+    config = FODConfig.from_dict({**small_model.config.to_dict(), "map_power": 2.0})
+    sharp = FODModel(config, pretrained=False).eval()
+    sharp.load_state_dict(small_model.state_dict())
+    with torch.no_grad():
+        amap, score = small_model(images)
+        sharp_map, sharp_score = sharp(images)
+    torch.testing.assert_close(sharp_score, score)
+    torch.testing.assert_close(sharp_map, peak_relative(amap, 2.0))
+    assert (sharp_map <= amap + 1e-6).all()
+
+
+@pytest.mark.parametrize("power", [0.5, 0.0, -1.0, float("nan"), float("inf"), 9.0])
+def test_config_refuses_a_map_power_outside_one_to_eight(power: float):
+    from fod.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="map_power"):
+        FODConfig(image_size=64, map_power=power).validate()
+
+
+@pytest.mark.parametrize("floor", [-0.1, float("nan"), float("inf")])
+def test_config_refuses_a_negative_or_non_finite_peak_floor(floor: float):
+    from fod.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="peak_floor"):
+        FODConfig(image_size=64, map_power=2.0, peak_floor=floor).validate()
+
+
+def test_config_without_map_power_loads_as_the_unchanged_map():
+    d = FODConfig(image_size=64).to_dict()
+    assert (d["map_power"], d["peak_floor"]) == (1.0, 0.0)
+    del d["map_power"], d["peak_floor"]  # a checkpoint made before the option
+    config = FODConfig.from_dict(d)
+    assert (config.map_power, config.peak_floor) == (1.0, 0.0)
