@@ -55,7 +55,7 @@ class TrainSettings:
             the training images (:func:`fod.intensity.intensity_statistics`), which are saved in the
             config (:attr:`FODConfig.intensity`). False keeps ``config.intensity`` as given.
         regional_auto: let the training images decide the regional level (:func:`auto_regional`): a window
-            of about 4/5 of the first level's grid on surface textures, none on aligned objects. Needs
+            of about 4/5 of the first level's grid on surface textures, none on objects (aligned or moving). Needs
             ``config.regional`` 0; no regional level when ``holdout`` is 0 (no images for its statistics).
         regional_bank_size: memory-bank patches of a regional level chosen by ``regional_auto``.
     """
@@ -77,9 +77,11 @@ class TrainSettings:
 COMPILE_MIN_STEPS = 3000  # below this the one-off compile costs more than it saves
 POSITION_SHARE_MAX = 0.5
 """``--regional auto``: an :func:`image_position_share` below this is a surface texture, this or more an
-aligned object. Measured on the training images: magnetic-tile 0.16 (a texture; the regional level lifts
-pixel AUROC 0.849 -> 0.870), MVTec hazelnut 0.87 (an aligned object; it would cost PRO 0.817 -> 0.585 at
-K 13, 0.759 at K 9). docs/results.md, eleventh round."""
+object. Measured on the training images (centred on their centre of contrast): magnetic-tile 0.07 (a
+texture; the regional level lifts pixel AUROC 0.849 -> 0.870, 0.904 with the peak-relative map), MVTec
+hazelnut 0.88 (an object; it would cost PRO 0.817 -> 0.585 at K 13), the same hazelnuts shifted at random
+by up to 20 % of the frame 0.88 (a regional level of K 13 there: image AUROC 1.000 -> 0.750, PRO 0.706 ->
+0.587). docs/results.md, eleventh and thirteenth rounds."""
 
 
 def split_holdout(n: int, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -163,12 +165,20 @@ def position_share(feature: torch.Tensor, batch: int = 64) -> float:
 
 
 def image_position_share(images: np.ndarray, side: int = 32, batch: int = 64) -> float:
-    """:func:`position_share` of the grey levels (channel mean) averaged to ``side`` x ``side`` cells.
+    """:func:`position_share` of the grey levels (channel mean) averaged to ``side`` x ``side`` cells,
+    each frame first centred on its own centre of contrast.
+
+    Centring: each frame's grey image (averaged to ``4 * side`` px) is rolled (wrapping round) so that the
+    centroid of its squared contrast ``(g - median(g))^2`` lies at the frame's centre. The share then
+    measures how alike the frames look around their salient content, not where it lies: a part that moves
+    in the frame still reads as an object (hazelnuts shifted at random by up to 20 % of the frame: 0.35
+    without the centring, 0.88 with it; by up to 30 %: 0.12 and 0.79), while a texture stays a texture
+    (magnetic-tile at 384 px: 0.17 and 0.07; docs/results.md, thirteenth round).
 
     Pixels, not backbone features: a CNN's zero padding gives its border cells a fixed signature that makes
-    a very uniform texture look position-bound (the tests' synthetic stripes at 256 px: 0.93 on features, 0.08
-    here). The raw
-    frames, before ``--intensity`` conditioning: a fixed illumination gradient counts as position.
+    a very uniform texture look position-bound (the tests' synthetic stripes at 256 px: 0.93 on features,
+    0.1 here). The raw frames, before ``--intensity`` conditioning: a fixed illumination gradient counts
+    as position.
 
     Args:
         images: ``[N, S, S, 3]`` uint8 (the model inputs), N >= 2; S below ``side`` is upsampled.
@@ -177,7 +187,7 @@ def image_position_share(images: np.ndarray, side: int = 32, batch: int = 64) ->
         batch: images per step (bounds the float32 copy).
 
     Returns:
-        the share in [0, 1]: near 0 for a surface texture, near 1 for an aligned object.
+        the share in [0, 1]: near 0 for a surface texture, near 1 for an object (aligned or not).
 
     Raises:
         ValueError: fewer than 2 images.
@@ -185,10 +195,37 @@ def image_position_share(images: np.ndarray, side: int = 32, batch: int = 64) ->
     if len(images) < 2:
         raise ValueError(f"image_position_share needs at least 2 images, got {len(images)}")
     cells = torch.cat([
-        F.adaptive_avg_pool2d(torch.from_numpy(images[i : i + batch]).float().mean(-1)[:, None], side)
+        F.adaptive_avg_pool2d(centre_of_contrast(
+            F.adaptive_avg_pool2d(torch.from_numpy(images[i : i + batch]).float().mean(-1)[:, None], 4 * side)), side)
         for i in range(0, len(images), batch)
     ])
     return position_share(cells)
+
+
+def centre_of_contrast(grey: torch.Tensor) -> torch.Tensor:
+    """Roll each frame so that the centroid of its squared contrast lies at the frame's centre.
+
+    Args:
+        grey: ``[N, 1, H, W]`` float32 grey levels.
+
+    Returns:
+        ``[N, 1, H, W]`` float32, each frame shifted by whole pixels with wrap-around (``torch.roll``);
+        a constant frame is returned as it is.
+    """
+    n, _, h, w = grey.shape
+    flat = grey.reshape(n, -1)
+    weight = (flat - flat.median(1, keepdim=True).values).square().reshape(n, h, w)
+    total = weight.sum((1, 2))
+    ys = torch.arange(h, dtype=grey.dtype)
+    xs = torch.arange(w, dtype=grey.dtype)
+    out = grey.clone()
+    for i in range(n):
+        if float(total[i]) <= 0:
+            continue
+        cy = float((weight[i].sum(1) * ys).sum() / total[i])
+        cx = float((weight[i].sum(0) * xs).sum() / total[i])
+        out[i] = torch.roll(grey[i], (round((h - 1) / 2 - cy), round((w - 1) / 2 - cx)), dims=(1, 2))
+    return out
 
 
 def auto_regional(share: float, grid: int) -> int:
@@ -198,7 +235,7 @@ def auto_regional(share: float, grid: int) -> int:
     7 -> 5: with the peak-relative map the window that scored magnetic-tile's "uneven" regions best,
     docs/results.md twelfth round; without it the gain flattened out at half the grid, eleventh round)
     when the training images are a surface texture (``share`` < :data:`POSITION_SHARE_MAX`), else 0
-    (none): on an aligned object such a window spans the whole object and lifts its normal pixels.
+    (none): on an object such a window spans the whole object and lifts its normal pixels.
 
     Args:
         share: :func:`image_position_share` of the training images.
@@ -565,7 +602,7 @@ def _choose_regional(images: np.ndarray, config: FODConfig, settings: TrainSetti
     k = auto_regional(share, grid) if settings.holdout > 0 else 0
     why = ("no held-out images for its statistics (--holdout 0)" if settings.holdout <= 0
            else f"position share {share:.2f} {'<' if share < POSITION_SHARE_MAX else '>='} {POSITION_SHARE_MAX}: "
-                + ("a surface texture" if k else "an aligned object" if share >= POSITION_SHARE_MAX
+                + ("a surface texture" if k else "an object" if share >= POSITION_SHARE_MAX
                    else f"a surface texture, but a {grid}-cell grid is too small for a window"))
     if k:
         config.regional, config.regional_bank_size = k, settings.regional_bank_size

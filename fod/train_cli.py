@@ -71,8 +71,8 @@ def add_parser(sub: Any) -> None:
                         ">= 3; 19 is about 4/5 of a 384 px frame at stride 16), scored by the distance to the nearest "
                         "averaged training patch and added to the map where the patches see nothing; for large "
                         "regions of odd texture; a K needs --holdout > 0. 0 = none; 'auto' = 4/5 of the grid on "
-                        "surface textures, none on aligned objects (or with --holdout 0), decided from the training "
-                        "images' grey levels; parts that move in the frame read as a surface: pass 0 for them "
+                        "surface textures, none on objects, aligned or moving (or with --holdout 0), decided from the "
+                        "training images' grey levels, each centred on its centre of contrast "
                         f"(default {DEFAULTS['regional']})")
     p.add_argument("--regional-bank-size", type=int, default=DEFAULTS["regional_bank_size"],
                    help="memory-bank patches of the regional level (a greedy coreset; default "

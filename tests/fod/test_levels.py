@@ -16,6 +16,7 @@ from fod.train import (
     POSITION_SHARE_MAX,
     TrainSettings,
     auto_regional,
+    centre_of_contrast,
     image_position_share,
     level_statistics,
     peak_floor_statistic,
@@ -339,13 +340,30 @@ def test_regional_level_needs_held_out_images():
         train_model(images, config, TrainSettings(epochs=1, progress=False, holdout=0.0))
 
 
-def _aligned_objects(n: int, size: int, seed: int) -> np.ndarray:
-    """``[n, size, size, 3]`` uint8: a bright disc on a dark ground at the same place in every frame."""
+def _aligned_objects(n: int, size: int, seed: int, shift: float = 0.0) -> np.ndarray:
+    """``[n, size, size, 3]`` uint8: a bright disc on a dark ground, in the middle of every frame, or moved
+    at random by up to ``shift`` of the frame in x and y."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size]
-    disc = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 4) ** 2) * 160.0
-    return np.stack([np.clip(40 + disc + rng.normal(0, 4, (size, size)), 0, 255).astype(np.uint8)[..., None]
-                     .repeat(3, -1) for _ in range(n)])
+    frames = []
+    for _ in range(n):
+        cy, cx = size / 2 + rng.uniform(-shift, shift, 2) * size
+        disc = ((yy - cy) ** 2 + (xx - cx) ** 2 < (size / 4) ** 2) * 160.0
+        frames.append(np.clip(40 + disc + rng.normal(0, 4, (size, size)), 0, 255).astype(np.uint8)[..., None]
+                      .repeat(3, -1))
+    return np.stack(frames)
+
+
+def test_centre_of_contrast_moves_the_salient_content_to_the_middle():
+    frame = torch.zeros(1, 1, 8, 8)
+    frame[0, 0, 1, 6] = 5.0
+    out = centre_of_contrast(frame)
+    y, x = divmod(int(out.flatten().argmax()), 8)
+    assert abs(y - 3.5) <= 0.5  # the frame's centre, to the pixel
+    assert abs(x - 3.5) <= 0.5
+    assert torch.equal(out.flatten().sort().values, frame.flatten().sort().values)  # a roll: nothing lost
+    flat = torch.full((2, 1, 6, 6), 7.0)
+    assert torch.equal(centre_of_contrast(flat), flat)  # no contrast: left as it is
 
 
 def test_position_share_by_hand_and_on_textures_and_objects():
@@ -370,6 +388,10 @@ def test_position_share_by_hand_and_on_textures_and_objects():
     # on pixels: a striped texture of random phase against a disc at the same place in every frame
     assert image_position_share(synthetic_good_images(12, 128, seed=3), batch=5) < 0.3
     assert image_position_share(_aligned_objects(12, 128, seed=4)) > 0.95
+    # the same disc moved by up to 25 % of the frame: still an object (centred before the share is taken)
+    moving = _aligned_objects(24, 128, seed=5, shift=0.25)
+    assert image_position_share(moving) > 0.9
+    assert position_share(torch.from_numpy(moving).float().mean(-1)[:, None]) < POSITION_SHARE_MAX  # uncentred
 
 
 @pytest.mark.parametrize(("share", "grid", "k"), [(0.32, 24, 19), (0.3, 16, 13), (0.3, 20, 17), (0.3, 7, 5),
@@ -397,7 +419,7 @@ def test_regional_auto_adds_the_level_on_a_texture_and_not_on_an_object():
     assert float(model.regional.bank_norm.min()) > 0  # filled like an explicit --regional 3
     model, record = train_model(_aligned_objects(12, 64, seed=4), config(), settings)
     assert record["regional_auto"]["position_share"] >= POSITION_SHARE_MAX
-    assert "aligned object" in record["regional_auto"]["why"]
+    assert "an object" in record["regional_auto"]["why"]
     assert model.regional is None
     assert model.config.regional == 0
     assert model.config.regional_bank_size == 0
