@@ -32,7 +32,11 @@ class TrainSettings:
     """Schedule of a training run.
 
     Attributes:
-        epochs: passes over the training images.
+        epochs: passes over the training images. 0 trains nothing (memory-bank mode): with the anchored
+            reconstruction (``config.anchor``, ``reference`` "nearest", ``score`` "rec") the correction head
+            starts at zero, so each patch scores its squared distance to the nearest bank patch, and the
+            fusion, regional and map statistics are measured on that. On magnetic-tile it scores as 8
+            epochs do (docs/results.md, thirteenth round).
         batch_size: images per step (the loss is per image, so any size is valid). 1, the reference's
             schedule (fod-method.md section 3.3): on magnetic-tile at 128 px, 10 epochs at batch 1 and
             lr 1e-4 gave image AUROC 0.786 against 0.735 at batch 4 and lr 3e-4 (docs/results.md).
@@ -355,7 +359,8 @@ def coreset_indices(x: torch.Tensor, m: int, seed: int, dim: int = 64) -> torch.
 
 
 @torch.no_grad()
-def fill_bank(level: Any, tokens: torch.Tensor, seed: int, batch: int = 8) -> torch.Tensor:
+def fill_bank(level: Any, tokens: torch.Tensor, seed: int, batch: int = 8, *,
+              references: bool = True) -> torch.Tensor | None:
     """Fill a level's memory bank from the training tokens; return each token's reference index.
 
     The bank is a coreset (:func:`coreset_indices`) of all training patches. Each training token's
@@ -367,15 +372,19 @@ def fill_bank(level: Any, tokens: torch.Tensor, seed: int, batch: int = 8) -> to
         tokens: ``[n, L, C]`` float32 training tokens (CPU).
         seed: coreset seed.
         batch: images per distance block (``batch * L * M`` floats of memory).
+        references: also search each training token's reference; False only fills the bank (no
+            training follows: ``epochs`` 0).
 
     Returns:
-        ``[n, L]`` int64 bank indices.
+        ``[n, L]`` int64 bank indices, or None without ``references``.
     """
     n, length, channels = tokens.shape
     flat = tokens.reshape(-1, channels)
     picked = coreset_indices(flat, level.bank.shape[1], seed)
     device = level.bank.device
     level.set_bank(flat[picked].to(device))
+    if not references:
+        return None
     owner = (picked // length).to(device)  # image of each bank patch
     out = torch.empty(n, length, dtype=torch.int64)
     for start in range(0, n, batch):
@@ -460,6 +469,11 @@ def train_model(
         raise ValueError(f"need at least 2 good images to train, got {len(images)}")
     if settings.regional_auto and config.regional:
         raise ValueError(f"regional_auto needs config.regional 0, got {config.regional}")
+    if settings.epochs < 0:
+        raise ValueError(f"epochs must be >= 0, got {settings.epochs}")
+    if settings.epochs == 0 and not (config.anchor and config.reference == "nearest" and config.score == "rec"):
+        raise ValueError("epochs 0 (memory-bank mode) needs anchor, reference 'nearest' and score 'rec'; got "
+                         f"anchor {config.anchor}, reference {config.reference!r}, score {config.score!r}")
     if config.regional and settings.holdout <= 0:
         raise DataError(f"--regional {config.regional} needs held-out good images for its statistics: "
                         "pass --holdout > 0 (default 0.1) or --regional 0")
@@ -496,10 +510,14 @@ def train_model(
     ref_indices: list[torch.Tensor | None] = []
     for level, tok in zip(model.levels, tokens):
         level.reference.copy_(tok.mean(0, keepdim=True).to(device))  # fod-method.md 2.4
-        ref_indices.append(None if level.bank is None else fill_bank(level, tok, settings.seed))
+        ref_indices.append(None if level.bank is None
+                           else fill_bank(level, tok, settings.seed, references=settings.epochs > 0))
     if model.regional is not None:
         fill_regional_bank(model, features[0][torch.from_numpy(train_idx)], settings.seed)
     bank_s = time.perf_counter() - start - feature_s
+    if settings.epochs == 0:
+        log.info("memory-bank mode (--epochs 0): no correction trained; each patch scores its distance to the "
+                 "nearest bank patch")
     # fused: one kernel for the whole update instead of a dozen small ops per tensor (about 6 % of a
     # demo step on one CPU thread, docs/benchmarks.md); the same arithmetic as the default loop
     optimizer = torch.optim.Adam(model.levels.parameters(), lr=settings.lr,  # type: ignore[attr-defined]
@@ -508,7 +526,7 @@ def train_model(
     history: list[dict[str, float]] = []
     steps_per_epoch = (n + settings.batch_size - 1) // settings.batch_size
     total_steps = settings.epochs * steps_per_epoch
-    compiled = _use_compile(settings, total_steps, device)
+    compiled = total_steps > 0 and _use_compile(settings, total_steps, device)
     step_loss = torch.compile(_step_loss) if compiled else _step_loss
     names = TERMS
     bar = None

@@ -279,6 +279,11 @@ def test_eval_run_dir_works(tmp_path: Path, capsys: pytest.CaptureFixture[str], 
         (["--map-power", "0.5"], r"--map-power: map_power 0\.5: the peak-relative exponent must be from 1 \(off\) "
                                  r"to 8"),
         (["--map-power", "nan"], r"--map-power: map_power nan"),
+        (["--epochs", "-1"], r"--epochs must be >= 0 \(0: memory-bank mode\)"),
+        (["--epochs", "0", "--no-anchor"], r"--epochs 0 \(memory-bank mode\) .* needs --anchor, --reference nearest "
+                                           r"and --score rec \(the defaults\); got --no-anchor"),
+        (["--epochs", "0", "--score", "rec*inter"],
+         r"--epochs 0 .*got --anchor, --reference nearest, --score rec\*inter"),
     ],
 )
 def test_train_bad_level_options_exit_2_and_write_nothing(

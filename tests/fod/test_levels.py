@@ -203,6 +203,36 @@ def test_peak_floor_is_zero_without_held_out_images():
         peak_floor_statistic(model, [torch.zeros(0, 1, 1, 1)])
 
 
+def test_memory_bank_mode_scores_the_distance_to_the_nearest_bank_patch(tmp_path: Path):
+    """``epochs`` 0: no correction trained; each patch's score is its reconstruction error against its nearest
+    bank patch (squared distance per channel plus cosine distance), and the statistics are measured on it."""
+    import torch.nn.functional as F
+
+    from fod.train import extract_features
+
+    images = synthetic_good_images(12, 64, seed=7)
+    config = FODConfig(image_size=64, levels=((16,),), d_models=(16,), heads=2, layers=1, ffn_mult=2,
+                       reference="nearest", bank_size=32, anchor=True, score="rec", map_power=2.0)
+    model, record = train_model(images, config, TrainSettings(epochs=0, batch_size=4, progress=False, holdout=0.25))
+    assert (record["epochs"], record["steps"], record["history"], record["compiled"]) == (0, 0, [], False)
+    level = model.levels[0]
+    assert float(level.head.weight.abs().max()) == 0.0
+    tokens = FODModel.tokens(extract_features(model, images[:3])[0])  # [3, L, C]
+    bank = level.bank.T  # [M, C]
+    nearest = bank[torch.cdist(tokens, bank[None].expand(len(tokens), -1, -1)).argmin(-1)]  # [3, L, C]
+    by_hand = (tokens - nearest).square().mean(-1) + 1.0 - F.cosine_similarity(tokens, nearest, dim=-1)
+    with torch.no_grad():
+        scores = level.patch_scores(tokens, "rec").flatten(1)
+    torch.testing.assert_close(scores, by_hand, rtol=1e-4, atol=1e-5)
+    assert model.config.level_norm is not None
+    assert model.config.peak_floor > 0
+    _saved_reloaded_exported(model, record, images, tmp_path)
+    for bad in ({"anchor": False}, {"score": "rec*inter"}):
+        wrong = FODConfig.from_dict({**config.to_dict(), "level_norm": None, "peak_floor": 0.0, **bad})
+        with pytest.raises(ValueError, match=r"epochs 0 \(memory-bank mode\) needs anchor"):
+            train_model(images, wrong, TrainSettings(epochs=0, progress=False, holdout=0.25))
+
+
 def test_checkpoint_of_the_previous_format_still_loads(tmp_path: Path):
     # a checkpoint written before levels/level_norm: config without them, backbone keys to8/to16,
     # [L, L] distance buffers in the state dict
