@@ -178,6 +178,13 @@ class FODConfig:
                 f"image size {self.image_size} px: must be a multiple of the coarsest stride {coarsest} "
                 f"(and at least {2 * coarsest}), e.g. {max(2 * coarsest, round(self.image_size / coarsest) * coarsest)}"
             )
+        radius = int(4.0 * self.smooth_sigma + 0.5)  # fod.smoothing: the mirror padding needs a larger map
+        if self.image_size <= radius:
+            smallest = (radius // coarsest + 1) * coarsest
+            raise CheckpointError(
+                f"image size {self.image_size} px: the anomaly map's Gaussian smoothing (sigma {self.smooth_sigma:g} "
+                f"px, radius {radius} px) needs a larger frame; give at least {smallest}"
+            )
         if any(d % self.heads or d % 4 for d in self.d_models):
             raise CheckpointError(
                 f"d_models {list(self.d_models)}: each must be a multiple of heads ({self.heads}) and of 4"

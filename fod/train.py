@@ -81,7 +81,7 @@ class TrainSettings:
 COMPILE_MIN_STEPS = 3000  # below this the one-off compile costs more than it saves
 POSITION_SHARE_MAX = 0.5
 """``--regional auto``: an :func:`image_position_share` below this is a surface texture, this or more an
-object. Measured on the training images (centred on their centre of contrast): magnetic-tile 0.07 (a
+object. Measured on the training images (the larger of the frames as they are and centred): magnetic-tile 0.17 (a
 texture; the regional level lifts pixel AUROC 0.849 -> 0.870, 0.904 with the peak-relative map), MVTec
 hazelnut 0.88 (an object; it would cost PRO 0.817 -> 0.585 at K 13), the same hazelnuts shifted at random
 by up to 20 % of the frame 0.88 (a regional level of K 13 there: image AUROC 1.000 -> 0.750, PRO 0.706 ->
@@ -102,9 +102,12 @@ def split_holdout(n: int, share: float, seed: int) -> tuple[np.ndarray, np.ndarr
         raise DataError(f"--holdout {share}: give a share of the good images between 0 and 0.5 (default 0.1)")
     k = round(share * n)
     if share > 0 and k < 2:
+        needed = math.ceil(2 / n * 100) / 100
+        fix = (f"raise it to {needed:.2f} or more" if needed <= 0.5 and n >= 4
+               else f"add good images (a hold-out of 2 needs at least 4; {n} given)")
         raise DataError(
             f"--holdout {share} of {n} good images holds out {k}; the level statistics need at least 2: "
-            f"raise it to {math.ceil(2 / n * 100) / 100:.2f} or more, or pass --holdout 0 (plain level average)"
+            f"{fix}, or pass --holdout 0 (plain level average)"
         )
     if n - k < 2:
         raise DataError(f"--holdout {share} leaves {n - k} of {n} good images to train on; need at least 2")
@@ -169,15 +172,15 @@ def position_share(feature: torch.Tensor, batch: int = 64) -> float:
 
 
 def image_position_share(images: np.ndarray, side: int = 32, batch: int = 64) -> float:
-    """:func:`position_share` of the grey levels (channel mean) averaged to ``side`` x ``side`` cells,
-    each frame first centred on its own centre of contrast.
+    """:func:`position_share` of the grey levels (channel mean) averaged to ``side`` x ``side`` cells: the
+    larger of the share of the frames as they are and of the frames each centred on its own content.
 
-    Centring: each frame's grey image (averaged to ``4 * side`` px) is rolled (wrapping round) so that the
-    centroid of its squared contrast ``(g - median(g))^2`` lies at the frame's centre. The share then
-    measures how alike the frames look around their salient content, not where it lies: a part that moves
-    in the frame still reads as an object (hazelnuts shifted at random by up to 20 % of the frame: 0.35
-    without the centring, 0.88 with it; by up to 30 %: 0.12 and 0.79), while a texture stays a texture
-    (magnetic-tile at 384 px: 0.17 and 0.07; docs/results.md, thirteenth round).
+    Centring (:func:`centre_of_contrast` on the grey image averaged to ``4 * side`` px) makes a part that
+    moves in the frame read as an object: hazelnuts shifted at random by up to 20 % of the frame read 0.35
+    as they are and 0.88 centred (30 %: 0.12 and 0.79). The frames as they are keep an aligned part that
+    fills most of the frame an object, where the centring goes astray (the contrast's median is then the
+    part's own grey, so the background is what gets centred). A texture reads low both ways
+    (magnetic-tile at 384 px: 0.17 and 0.07). docs/results.md, thirteenth round.
 
     Pixels, not backbone features: a CNN's zero padding gives its border cells a fixed signature that makes
     a very uniform texture look position-bound (the tests' synthetic stripes at 256 px: 0.93 on features,
@@ -198,16 +201,16 @@ def image_position_share(images: np.ndarray, side: int = 32, batch: int = 64) ->
     """
     if len(images) < 2:
         raise ValueError(f"image_position_share needs at least 2 images, got {len(images)}")
-    cells = torch.cat([
-        F.adaptive_avg_pool2d(centre_of_contrast(
-            F.adaptive_avg_pool2d(torch.from_numpy(images[i : i + batch]).float().mean(-1)[:, None], 4 * side)), side)
-        for i in range(0, len(images), batch)
-    ])
-    return position_share(cells)
+    grey = [F.adaptive_avg_pool2d(torch.from_numpy(images[i : i + batch]).float().mean(-1)[:, None], 4 * side)
+            for i in range(0, len(images), batch)]
+    plain = torch.cat([F.adaptive_avg_pool2d(g, side) for g in grey])
+    centred = torch.cat([F.adaptive_avg_pool2d(centre_of_contrast(g), side) for g in grey])
+    return max(position_share(plain), position_share(centred))
 
 
 def centre_of_contrast(grey: torch.Tensor) -> torch.Tensor:
-    """Roll each frame so that the centroid of its squared contrast lies at the frame's centre.
+    """Roll each frame so that the centroid of its squared contrast ``(g - median(g))^2`` lies at the
+    frame's centre (to the pixel, the same pixel for the same content wherever it started).
 
     Args:
         grey: ``[N, 1, H, W]`` float32 grey levels.
@@ -228,7 +231,10 @@ def centre_of_contrast(grey: torch.Tensor) -> torch.Tensor:
             continue
         cy = float((weight[i].sum(1) * ys).sum() / total[i])
         cx = float((weight[i].sum(0) * xs).sum() / total[i])
-        out[i] = torch.roll(grey[i], (round((h - 1) / 2 - cy), round((w - 1) / 2 - cx)), dims=(1, 2))
+        # floor(x + 0.5), not round(): Python's round() sends halves to the even number, so on an even-sized
+        # frame the same content would land one pixel apart depending on where it started
+        shift = (math.floor((h - 1) / 2 - cy + 0.5), math.floor((w - 1) / 2 - cx + 0.5))
+        out[i] = torch.roll(grey[i], shift, dims=(1, 2))
     return out
 
 
@@ -530,7 +536,7 @@ def train_model(
     step_loss = torch.compile(_step_loss) if compiled else _step_loss
     names = TERMS
     bar = None
-    if settings.progress:
+    if settings.progress and total_steps > 0:
         from tqdm import tqdm
 
         bar = tqdm(total=total_steps, desc="fod train", unit="step", dynamic_ncols=True)

@@ -26,8 +26,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"],
                    help=f"passes over the images (default {DEFAULTS['epochs']}); 0 = memory-bank mode: no "
                         "correction is trained, each patch scores its distance to the nearest bank patch through "
-                        "the same fusion, regional level and map (needs --anchor and --reference nearest; on "
-                        "magnetic-tile as good as 8 epochs in a fifth of the time, docs/results.md thirteenth round)")
+                        "the same fusion, regional level and map (needs --anchor, --reference nearest and --score rec, "
+                        "the defaults; on "
+                        "magnetic-tile as good as 8 epochs in a sixth of the time, docs/results.md thirteenth round)")
     p.add_argument("--backbone", default=DEFAULTS["backbone"], choices=BACKBONE_NAMES,
                    help=f"frozen ImageNet backbone (default {DEFAULTS['backbone']}; lite0 is faster per frame, "
                         "lite2 needs the backbones extra)")
@@ -105,8 +106,11 @@ def run(args: argparse.Namespace) -> int:
     from fod.model import FODConfig, parse_levels
     from fod.train import TrainSettings, train_run
 
-    if args.epochs < 0 or args.batch_size < 1:
-        raise OptionError("--epochs must be >= 0 (0: memory-bank mode) and --batch-size >= 1")
+    if args.epochs < 0:
+        raise OptionError(f"--epochs {args.epochs}: give 0 (memory-bank mode) or more passes "
+                          f"(default {DEFAULTS['epochs']})")
+    if args.batch_size < 1:
+        raise OptionError(f"--batch-size {args.batch_size}: give at least 1 image per step")
     if args.epochs == 0 and not (args.anchor and args.reference == "nearest" and args.score == "rec"):
         raise OptionError("--epochs 0 (memory-bank mode) scores each patch by its distance to the nearest bank patch: "
                           "it needs --anchor, --reference nearest and --score rec (the defaults); got "

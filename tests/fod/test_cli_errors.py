@@ -279,7 +279,11 @@ def test_eval_run_dir_works(tmp_path: Path, capsys: pytest.CaptureFixture[str], 
         (["--map-power", "0.5"], r"--map-power: map_power 0\.5: the peak-relative exponent must be from 1 \(off\) "
                                  r"to 8"),
         (["--map-power", "nan"], r"--map-power: map_power nan"),
-        (["--epochs", "-1"], r"--epochs must be >= 0 \(0: memory-bank mode\)"),
+        (["--epochs", "-1"], r"--epochs -1: give 0 \(memory-bank mode\) or more passes \(default 8\)"),
+        (["--batch-size", "0"], r"--batch-size 0: give at least 1 image per step"),
+        (["--image-size", "16", "--levels", "4"],
+         r"--image-size: image size 16 px: the anomaly map's Gaussian smoothing \(sigma 4 px, radius 16 px\) needs "
+         r"a larger frame; give at least 20"),
         (["--epochs", "0", "--no-anchor"], r"--epochs 0 \(memory-bank mode\) .* needs --anchor, --reference nearest "
                                            r"and --score rec \(the defaults\); got --no-anchor"),
         (["--epochs", "0", "--score", "rec*inter"],

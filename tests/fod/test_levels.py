@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fod.checkpoint import load_checkpoint, save_checkpoint
 from fod.errors import CheckpointError, DataError
@@ -127,8 +128,11 @@ def test_holdout_split_and_its_errors():
     assert not set(train) & set(held)
     assert np.array_equal(split_holdout(50, 0.1, seed=1)[1], held)  # seeded
     assert len(split_holdout(10, 0.0, seed=1)[1]) == 0
-    with pytest.raises(DataError, match=r"--holdout 0\.1 of 8 good images holds out 1"):
+    with pytest.raises(DataError, match=r"--holdout 0\.1 of 8 good images holds out 1.*raise it to 0\.25 or more"):
         split_holdout(8, 0.1, seed=1)
+    # too few images for any allowed share: the advice is more images, not a share above 0.5
+    with pytest.raises(DataError, match=r"holds out 0.*add good images \(a hold-out of 2 needs at least 4; 3 given\)"):
+        split_holdout(3, 0.1, seed=1)
     with pytest.raises(DataError, match=r"between 0 and 0\.5"):
         split_holdout(8, 0.9, seed=1)
 
@@ -206,8 +210,6 @@ def test_peak_floor_is_zero_without_held_out_images():
 def test_memory_bank_mode_scores_the_distance_to_the_nearest_bank_patch(tmp_path: Path):
     """``epochs`` 0: no correction trained; each patch's score is its reconstruction error against its nearest
     bank patch (squared distance per channel plus cosine distance), and the statistics are measured on it."""
-    import torch.nn.functional as F
-
     from fod.train import extract_features
 
     images = synthetic_good_images(12, 64, seed=7)
@@ -370,15 +372,15 @@ def test_regional_level_needs_held_out_images():
         train_model(images, config, TrainSettings(epochs=1, progress=False, holdout=0.0))
 
 
-def _aligned_objects(n: int, size: int, seed: int, shift: float = 0.0) -> np.ndarray:
-    """``[n, size, size, 3]`` uint8: a bright disc on a dark ground, in the middle of every frame, or moved
-    at random by up to ``shift`` of the frame in x and y."""
+def _aligned_objects(n: int, size: int, seed: int, shift: float = 0.0, radius: float = 0.25) -> np.ndarray:
+    """``[n, size, size, 3]`` uint8: a bright disc of ``radius`` x ``size`` on a dark ground, in the middle of
+    every frame, or moved at random by up to ``shift`` of the frame in x and y."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size]
     frames = []
     for _ in range(n):
         cy, cx = size / 2 + rng.uniform(-shift, shift, 2) * size
-        disc = ((yy - cy) ** 2 + (xx - cx) ** 2 < (size / 4) ** 2) * 160.0
+        disc = ((yy - cy) ** 2 + (xx - cx) ** 2 < (radius * size) ** 2) * 160.0
         frames.append(np.clip(40 + disc + rng.normal(0, 4, (size, size)), 0, 255).astype(np.uint8)[..., None]
                       .repeat(3, -1))
     return np.stack(frames)
@@ -394,6 +396,12 @@ def test_centre_of_contrast_moves_the_salient_content_to_the_middle():
     assert torch.equal(out.flatten().sort().values, frame.flatten().sort().values)  # a roll: nothing lost
     flat = torch.full((2, 1, 6, 6), 7.0)
     assert torch.equal(centre_of_contrast(flat), flat)  # no contrast: left as it is
+    # the same content lands on the same pixel wherever it started (an even-sized frame: no tie flips sides)
+    frames = torch.zeros(4, 1, 16, 16)
+    for i, (y, x) in enumerate([(2, 2), (3, 3), (10, 5), (11, 6)]):
+        frames[i, 0, y, x] = 1.0
+    landed = {divmod(int(f.flatten().argmax()), 16) for f in centre_of_contrast(frames)}
+    assert len(landed) == 1
 
 
 def test_position_share_by_hand_and_on_textures_and_objects():
@@ -422,6 +430,12 @@ def test_position_share_by_hand_and_on_textures_and_objects():
     moving = _aligned_objects(24, 128, seed=5, shift=0.25)
     assert image_position_share(moving) > 0.9
     assert position_share(torch.from_numpy(moving).float().mean(-1)[:, None]) < POSITION_SHARE_MAX  # uncentred
+    # a part that fills most of the frame (64 %) and moves a little (6 %): centred alone it would follow the
+    # background and read 0.44, a texture; the frames as they are read it an object
+    large = _aligned_objects(12, 128, seed=6, radius=0.45, shift=0.06)
+    grey = torch.from_numpy(large).float().mean(-1)[:, None]
+    assert position_share(F.adaptive_avg_pool2d(centre_of_contrast(grey), 32)) < POSITION_SHARE_MAX
+    assert image_position_share(large) > 0.75
 
 
 @pytest.mark.parametrize(("share", "grid", "k"), [(0.32, 24, 19), (0.3, 16, 13), (0.3, 20, 17), (0.3, 7, 5),
