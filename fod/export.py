@@ -60,6 +60,26 @@ def export_onnx(model: FODModel, path: str | Path, *, opset: int = DEFAULT_OPSET
     s = model.config.image_size
     dummy = torch.zeros(2, s, s, 3, dtype=torch.uint8)
     model = model.eval()
+    # memory-bank mode (fod train --epochs 0): a zero correction adds nothing, so the graph skips the transformer
+    bank_only = [level for level in model.levels if model.config.score == "rec" and level.correction_is_zero()]
+    for level in bank_only:
+        level.skip_correction = True
+    try:
+        _trace(model, dummy, path, opset)
+    finally:
+        for level in bank_only:
+            level.skip_correction = False
+    graph = onnx.load(str(path))
+    onnx.checker.check_model(graph)
+    ops = Counter(node.op_type for node in graph.graph.node)
+    bad = sorted(FORBIDDEN_OPS & set(ops))
+    if bad:
+        raise FodError(f"{path}: exported graph contains {bad}, which the TensorRT path must not have")
+    return dict(sorted(ops.items()))
+
+
+def _trace(model: FODModel, dummy: torch.Tensor, path: str | Path, opset: int) -> None:
+    """``torch.onnx.export`` (TorchScript tracing) of ``model`` on ``dummy`` ``[2, S, S, 3]`` uint8."""
     with torch.no_grad(), warnings.catch_warnings():
         # The in-graph BGR->RGB flip is a Slice with step -1, which the TorchScript exporter cannot
         # constant-fold and says so three times; the graph is correct and the user can do nothing
@@ -76,13 +96,6 @@ def export_onnx(model: FODModel, path: str | Path, *, opset: int = DEFAULT_OPSET
             do_constant_folding=True,
             dynamo=False,
         )
-    graph = onnx.load(str(path))
-    onnx.checker.check_model(graph)
-    ops = Counter(node.op_type for node in graph.graph.node)
-    bad = sorted(FORBIDDEN_OPS & set(ops))
-    if bad:
-        raise FodError(f"{path}: exported graph contains {bad}, which the TensorRT path must not have")
-    return dict(sorted(ops.items()))
 
 
 def check_parity(model: FODModel, onnx_path: str | Path, images: np.ndarray) -> dict[str, Any]:

@@ -509,6 +509,9 @@ class FODLevel(nn.Module):
         if anchor:  # start from x_hat = reference: the first score is the plain distance to it
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
+        # set by fod.export while it traces a level whose correction is zero (correction_is_zero): the graph
+        # then reads the reconstruction straight from the bank and carries no transformer
+        self.skip_correction = False
         dist_y, dist_x = squared_distance_maps(h, w)
         self.register_buffer("pos", sincos_position_2d(d, h, w)[None])
         self.register_buffer("dist_y", dist_y, persistent=False)  # derived from the grid, not saved
@@ -586,8 +589,18 @@ class FODLevel(nn.Module):
         recon = self.head(self.norm(x))
         return (reference + recon if self.anchor else recon), maps
 
+    def correction_is_zero(self) -> bool:
+        """True for an anchored level with a memory bank whose correction head is all zeros (``fod train
+        --epochs 0``, memory-bank mode): its reconstruction is then the nearest bank patch itself.
+        """
+        return (self.anchor and self.bank is not None and not bool(self.head.weight.detach().any())
+                and not bool(self.head.bias.detach().any()))
+
     def patch_scores(self, tokens: torch.Tensor, score: str = "rec*inter") -> torch.Tensor:
         """Test-time patch score: ``rec_i * inter_i`` (fod-method.md section 4, steps 1-4) or ``rec_i``.
+
+        With :attr:`skip_correction` (set by the exporter, only with ``score`` "rec" and a zero correction)
+        the reconstruction is read from the bank without running the transformer: the same values.
 
         Args:
             tokens: ``[N, L, C]`` float32.
@@ -596,7 +609,11 @@ class FODLevel(nn.Module):
         Returns:
             ``[N, 1, h, w]`` float32.
         """
-        recon, maps = self(tokens)
+        if score == "rec" and self.skip_correction:
+            recon = self.bank_patches(self.nearest(tokens))
+            maps: list[LayerMaps] = []
+        else:
+            recon, maps = self(tokens)
         rec = (tokens - recon).square().mean(-1) + 1.0 - F.cosine_similarity(tokens, recon, dim=-1, eps=1e-8)
         if score == "rec":
             return rec.reshape(-1, 1, *self.grid)

@@ -228,7 +228,14 @@ def test_memory_bank_mode_scores_the_distance_to_the_nearest_bank_patch(tmp_path
     torch.testing.assert_close(scores, by_hand, rtol=1e-4, atol=1e-5)
     assert model.config.level_norm is not None
     assert model.config.peak_floor > 0
-    _saved_reloaded_exported(model, record, images, tmp_path)
+    _saved_reloaded_exported(model, record, images, tmp_path)  # parity of the graph with the eager model
+    # the exported graph reads the nearest patch straight from the bank: no transformer in it
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "pkg" / "model.onnx")).graph.node}
+    assert "Softmax" not in ops
+    assert "LayerNormalization" not in ops
+    assert level.skip_correction is False  # only while the exporter traces
     for bad in ({"anchor": False}, {"score": "rec*inter"}):
         wrong = FODConfig.from_dict({**config.to_dict(), "level_norm": None, "peak_floor": 0.0, **bad})
         with pytest.raises(ValueError, match=r"epochs 0 \(memory-bank mode\) needs anchor"):
