@@ -468,6 +468,7 @@ def train_model(
 
     Raises:
         ValueError: images do not match ``config.image_size`` or fewer than 2 images.
+        DataError: the images have no contrast (blank or saturated frames), or ``--holdout`` cannot be met.
     """
     if images.ndim != 4 or images.shape[1:] != (config.image_size, config.image_size, 3):
         raise ValueError(f"images must be [N, {config.image_size}, {config.image_size}, 3], got {images.shape}")
@@ -484,6 +485,11 @@ def train_model(
         raise DataError(f"--regional {config.regional} needs held-out good images for its statistics: "
                         "pass --holdout > 0 (default 0.1) or --regional 0")
     train_idx, holdout_idx = split_holdout(len(images), settings.holdout, settings.seed)
+    spread = float(images[:: max(1, len(images) // 64), ::4, ::4].std())  # a sample: the whole set is GBs as floats
+    if spread < 1.0:
+        raise DataError(f"the {len(images)} good images have no contrast (grey-level std {spread:.2f} < 1): blank or "
+                        "saturated frames, from which no model can learn what a good part looks like; check the camera "
+                        "and the image folder")
     n = len(train_idx)
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +155,14 @@ def run(args: argparse.Namespace) -> int:
                           "--holdout > 0 (default 0.1) or --regional 0")
     if not 0.0 <= args.jitter <= 100.0:
         raise OptionError(f"--jitter {args.jitter}: give a scale between 0 (off) and 100 (UniAD uses 20)")
+    if args.epochs == 0:
+        idle = [name for name, on in (("--jitter", args.jitter != DEFAULTS["jitter"]), ("--lr", args.lr != 1e-4),
+                                      ("--batch-size", args.batch_size != 1), ("--compile", bool(args.compile)))
+                if on]
+        if idle:
+            logging.getLogger("fod.train").warning(
+                "--epochs 0 (memory-bank mode) trains nothing: %s %s no effect", ", ".join(idle),
+                "has" if len(idle) == 1 else "have")
     settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                              device=args.device, progress=not args.no_progress, holdout=args.holdout,
                              compile=args.compile, jitter=args.jitter,

@@ -319,3 +319,32 @@ def test_train_cli_map_power_limit_is_the_models() -> None:
 
     assert train_cli.MAP_POWER_MAX == MAP_POWER_MAX
     assert 1.0 < train_cli.DEFAULTS["map_power"] <= MAP_POWER_MAX
+
+
+@pytest.mark.parametrize("grey", [0, 255])
+def test_train_on_blank_frames_exits_2_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], grey: int
+) -> None:
+    """Blank or saturated frames (a capped lens, a blown exposure) would train a model of nothing."""
+    for i in range(4):
+        _write(tmp_path / "data" / f"{i:03d}.png", np.full((48, 48), grey, np.uint8))
+    code, err = _run(capsys, "train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+                     "--no-progress", "--image-size", "64", "--holdout", "0")
+    assert code == 2
+    assert re.search(r"the 4 good images have no contrast \(grey-level std 0\.00 < 1\).*check the camera", err), err
+    assert not (tmp_path / "run").exists()
+
+
+def test_memory_bank_mode_warns_of_training_options_it_ignores(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        _write(tmp_path / "data" / f"{i:03d}.png", rng.integers(0, 255, (64, 64), dtype=np.uint8))
+    with caplog.at_level("WARNING", logger="fod.train"):
+        code, _ = _run(capsys, "train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+                       "--no-progress", "--image-size", "64", "--holdout", "0", "--epochs", "0", "--jitter", "5",
+                       "--lr", "0.001")
+    assert code == 0
+    assert "--epochs 0 (memory-bank mode) trains nothing: --jitter, --lr have no effect" in caplog.text
+    assert json.loads((tmp_path / "run" / "train.json").read_text())["steps"] == 0
