@@ -625,15 +625,19 @@ def train_model(
 
 def _choose_regional(images: np.ndarray, config: FODConfig, settings: TrainSettings) -> dict[str, Any]:
     """Apply ``--regional auto`` to ``config`` from the training images ``[n, S, S, 3]`` uint8; returns what
-    was measured and chosen, for the training record.
+    was measured and chosen, for the training record (``position_share`` None with ``--holdout 0``: no
+    regional level is possible, so nothing is measured).
     """
     grid = config.image_size // min(config.levels[0])
+    if settings.holdout <= 0:  # no images for the regional statistics: nothing to measure the decision for
+        log.info("regional level (--regional auto): none; no held-out images for its statistics (--holdout 0)")
+        return {"position_share": None, "regional": 0,
+                "why": "no held-out images for its statistics (--holdout 0)"}
     share = image_position_share(images)
-    k = auto_regional(share, grid) if settings.holdout > 0 else 0
-    why = ("no held-out images for its statistics (--holdout 0)" if settings.holdout <= 0
-           else f"position share {share:.2f} {'<' if share < POSITION_SHARE_MAX else '>='} {POSITION_SHARE_MAX}: "
-                + ("a surface texture" if k else "an object" if share >= POSITION_SHARE_MAX
-                   else f"a surface texture, but a {grid}-cell grid is too small for a window"))
+    k = auto_regional(share, grid)
+    why = (f"position share {share:.2f} {'<' if share < POSITION_SHARE_MAX else '>='} {POSITION_SHARE_MAX}: "
+           + ("a surface texture" if k else "an object" if share >= POSITION_SHARE_MAX
+              else f"a surface texture, but a {grid}-cell grid is too small for a window"))
     if k:
         config.regional, config.regional_bank_size = k, settings.regional_bank_size
         log.info("regional level (--regional auto): K %d of a %d-cell grid; %s", k, grid, why)

@@ -479,6 +479,7 @@ def test_regional_auto_adds_the_level_on_a_texture_and_not_on_an_object():
     model, record = train_model(synthetic_good_images(6, 64, seed=3), config(), no_holdout)
     assert model.regional is None
     assert "--holdout 0" in record["regional_auto"]["why"]
+    assert record["regional_auto"]["position_share"] is None  # not measured: no decision rested on it
     with pytest.raises(ValueError, match=r"regional_auto needs config\.regional 0"):
         train_model(synthetic_good_images(6, 64, seed=3), FODConfig(image_size=64, levels=((16, 32),), d_models=(16,),
                     regional=3, regional_bank_size=8), settings)
