@@ -62,9 +62,13 @@ class TrainSettings:
             of about 4/5 of the first level's grid on surface textures, none on objects (aligned or moving). Needs
             ``config.regional`` 0; no regional level when ``holdout`` is 0 (no images for its statistics).
         regional_bank_size: memory-bank patches of a regional level chosen by ``regional_auto``.
+        global_level: the global level (:class:`fod.model.GlobalLevel`): ``"on"``, ``"off"`` or ``"auto"``
+            (on for surface textures, off for objects, by the same position share as ``regional_auto``).
+            Needs ``holdout`` > 0 (its statistics are measured on the held-out images); ``"auto"`` with
+            ``holdout`` 0 is off.
     """
 
-    epochs: int = 10
+    epochs: int = 8
     batch_size: int = 1
     lr: float = 1e-4
     seed: int = 3407
@@ -76,8 +80,11 @@ class TrainSettings:
     standardize: bool = False
     regional_auto: bool = False
     regional_bank_size: int = 4096
+    global_level: str = "off"
 
 
+GLOBAL_LEVEL_CHOICES = ("auto", "on", "off")
+"""Values of :attr:`TrainSettings.global_level`."""
 COMPILE_MIN_STEPS = 3000  # below this the one-off compile costs more than it saves
 POSITION_SHARE_MAX = 0.5
 """``--regional auto``: an :func:`image_position_share` below this is a surface texture, this or more an
@@ -310,6 +317,33 @@ def peak_floor_statistic(model: FODModel, inputs: list[torch.Tensor], batch_size
 
 
 @torch.no_grad()
+def global_statistics(model: FODModel, inputs: list[torch.Tensor], batch_size: int = 64) -> tuple[float, float]:
+    """:attr:`FODConfig.global_norm`: ``(mean, std)`` of the global level's distance over held-out good images
+    (level inputs as for :func:`level_statistics`), std floored as :func:`_mean_std` does.
+
+    Raises:
+        RuntimeError: the model has no global level.
+    """
+    if model.global_level is None:
+        raise RuntimeError("this FOD model has no global level (global_bank_size 0)")
+    return _mean_std(model.global_level(inputs[0][i : i + batch_size]) for i in range(0, len(inputs[0]), batch_size))
+
+
+@torch.no_grad()
+def fill_global_bank(model: FODModel, feature: torch.Tensor, batch: int = 64) -> None:
+    """Fill the global level's bank with the descriptors (:meth:`fod.model.GlobalLevel.describe`) of every
+    training image: ``feature`` ``[n, C, h, w]`` float32 first-level input, ``n`` = the bank size.
+
+    Raises:
+        RuntimeError: the model has no global level.
+    """
+    level = model.global_level
+    if level is None:
+        raise RuntimeError("this FOD model has no global level (global_bank_size 0)")
+    level.set_bank(torch.cat([level.describe(feature[i : i + batch]) for i in range(0, len(feature), batch)]))
+
+
+@torch.no_grad()
 def fill_regional_bank(model: FODModel, feature: torch.Tensor, seed: int, batch: int = 32) -> None:
     """Fill the regional level's bank with a k-center coreset of the training images' averaged patches.
 
@@ -484,6 +518,11 @@ def train_model(
     if config.regional and settings.holdout <= 0:
         raise DataError(f"--regional {config.regional} needs held-out good images for its statistics: "
                         "pass --holdout > 0 (default 0.1) or --regional 0")
+    if settings.global_level not in GLOBAL_LEVEL_CHOICES:
+        raise ValueError(f"global_level {settings.global_level!r}: choose from {list(GLOBAL_LEVEL_CHOICES)}")
+    if settings.global_level == "on" and settings.holdout <= 0:
+        raise DataError("--global-level on needs held-out good images for its statistics: pass --holdout > 0 "
+                        "(default 0.1) or --global-level off")
     train_idx, holdout_idx = split_holdout(len(images), settings.holdout, settings.seed)
     spread = float(images[:: max(1, len(images) // 64), ::4, ::4].std())  # a sample: the whole set is GBs as floats
     if spread < 1.0:
@@ -497,6 +536,7 @@ def train_model(
     config.level_norm = None
     config.regional_norm = None
     config.peak_floor = 0.0
+    config.global_bank_size, config.global_norm = 0, None
     if settings.standardize:
         config.intensity = intensity_statistics(images[train_idx])
         log.info("intensity standardisation: each frame to mean %.1f, std %.1f grey levels (the training images' "
@@ -507,7 +547,12 @@ def train_model(
             log.info("memory bank: %d patches asked, the %d training images give %d: using them all",
                      config.bank_size, n, fewest)
             config.bank_size = fewest
-    auto = _choose_regional(images[train_idx], config, settings) if settings.regional_auto else None
+    share = (image_position_share(images[train_idx])
+             if settings.holdout > 0 and (settings.regional_auto or settings.global_level == "auto") else None)
+    auto = _choose_regional(share, config, settings) if settings.regional_auto else None
+    global_choice = _choose_global(share, settings)
+    if global_choice["on"]:
+        config.global_bank_size = n
     if config.regional:
         fewest = n * (config.image_size // min(config.levels[0])) ** 2
         if config.regional_bank_size > fewest:
@@ -526,6 +571,8 @@ def train_model(
                            else fill_bank(level, tok, settings.seed, references=settings.epochs > 0))
     if model.regional is not None:
         fill_regional_bank(model, features[0][torch.from_numpy(train_idx)], settings.seed)
+    if model.global_level is not None:
+        fill_global_bank(model, features[0][torch.from_numpy(train_idx)])
     bank_s = time.perf_counter() - start - feature_s
     if settings.epochs == 0:
         log.info("memory-bank mode (--epochs 0): no correction trained; each patch scores its distance to the "
@@ -593,6 +640,10 @@ def train_model(
             config.peak_floor = peak_floor_statistic(model, [f[torch.from_numpy(holdout_idx)] for f in features])
             log.info("peak-relative map (power %g): floor %.4f, the largest peak of the %d held-out good images",
                      config.map_power, config.peak_floor, len(holdout_idx))
+        if model.global_level is not None:
+            config.global_norm = global_statistics(model, [f[torch.from_numpy(holdout_idx)] for f in features])
+            log.info("global level statistics on the held-out images (mean, std of the distance): %s",
+                     tuple(round(v, 6) for v in config.global_norm))
     model.eval().cpu()
     record = {
         "epochs": settings.epochs,
@@ -609,6 +660,8 @@ def train_model(
         "regional_auto": auto,
         "map_power": config.map_power,
         "peak_floor": config.peak_floor,
+        "global_level": global_choice,
+        "global_norm": None if config.global_norm is None else list(config.global_norm),
         "compiled": compiled,
         "jitter": settings.jitter,
         "feature_seconds": round(feature_s, 2),
@@ -623,17 +676,16 @@ def train_model(
     return model, record
 
 
-def _choose_regional(images: np.ndarray, config: FODConfig, settings: TrainSettings) -> dict[str, Any]:
-    """Apply ``--regional auto`` to ``config`` from the training images ``[n, S, S, 3]`` uint8; returns what
-    was measured and chosen, for the training record (``position_share`` None with ``--holdout 0``: no
-    regional level is possible, so nothing is measured).
+def _choose_regional(share: float | None, config: FODConfig, settings: TrainSettings) -> dict[str, Any]:
+    """Apply ``--regional auto`` to ``config`` from the training images' :func:`image_position_share`
+    (``share``; None with ``--holdout`` 0: no regional level is possible, so nothing was measured); returns
+    what was measured and chosen, for the training record.
     """
     grid = config.image_size // min(config.levels[0])
-    if settings.holdout <= 0:  # no images for the regional statistics: nothing to measure the decision for
+    if share is None:  # no images for the regional statistics: nothing to measure the decision for
         log.info("regional level (--regional auto): none; no held-out images for its statistics (--holdout 0)")
         return {"position_share": None, "regional": 0,
                 "why": "no held-out images for its statistics (--holdout 0)"}
-    share = image_position_share(images)
     k = auto_regional(share, grid)
     why = (f"position share {share:.2f} {'<' if share < POSITION_SHARE_MAX else '>='} {POSITION_SHARE_MAX}: "
            + ("a surface texture" if k else "an object" if share >= POSITION_SHARE_MAX
@@ -644,6 +696,23 @@ def _choose_regional(images: np.ndarray, config: FODConfig, settings: TrainSetti
     else:
         log.info("regional level (--regional auto): none; %s", why)
     return {"position_share": round(share, 4), "regional": k, "why": why}
+
+
+def _choose_global(share: float | None, settings: TrainSettings) -> dict[str, Any]:
+    """Decide the global level from :attr:`TrainSettings.global_level` and, for ``"auto"``, the position share
+    (``share``; None when not measured); returns ``{"on": bool, "why": str}`` for the training record.
+    """
+    if settings.global_level != "auto":
+        return {"on": settings.global_level == "on", "why": f"--global-level {settings.global_level}"}
+    if share is None:
+        why = "no held-out images for its statistics (--holdout 0)"
+        on = False
+    else:
+        on = share < POSITION_SHARE_MAX
+        why = (f"position share {share:.2f} {'<' if on else '>='} {POSITION_SHARE_MAX}: "
+               + ("a surface texture" if on else "an object"))
+    log.info("global level (--global-level auto): %s; %s", "on" if on else "off", why)
+    return {"on": on, "why": why}
 
 
 def train_run(

@@ -16,7 +16,7 @@ MAP_POWER_MAX = 8.0  # fod.model.MAP_POWER_MAX (not imported: fod.model imports 
 DEFAULTS: dict[str, Any] = {"epochs": 8, "backbone": "efficientnet_lite1", "image_size": 384, "levels": "16+32",
                             "jitter": 0.0, "reference": "nearest", "bank_size": 16384, "score": "rec",
                             "intensity": "flat", "anchor": True, "regional": "auto", "regional_bank_size": 4096,
-                            "map_power": 2.0}
+                            "map_power": 2.0, "global_level": "auto"}
 
 
 def add_parser(sub: Any) -> None:
@@ -82,6 +82,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--regional-bank-size", type=int, default=DEFAULTS["regional_bank_size"],
                    help="memory-bank patches of the regional level (a greedy coreset; default "
                         f"{DEFAULTS['regional_bank_size']})")
+    p.add_argument("--global-level", choices=("auto", "on", "off"), default=DEFAULTS["global_level"],
+                   help="a global level: each frame described by the per-channel mean and spread of the first "
+                        "level's input, scored by the distance to the nearest training frame's description, lifts "
+                        "the frame's map at its peak (and in proportion below it), so a surface whose whole finish "
+                        "differs scores higher; 'on' needs --holdout > 0. 'auto' = on for surface textures, off for "
+                        "objects, by the same reading of the training images as --regional auto "
+                        f"(default {DEFAULTS['global_level']})")
     p.add_argument("--map-power", type=float, default=DEFAULTS["map_power"], metavar="P",
                    help="peak-relative anomaly map, the graph's last step: each frame's map m becomes "
                         "D * (m / D) ** P, D the larger of its own peak and the largest peak of the held-out good "
@@ -153,6 +160,9 @@ def run(args: argparse.Namespace) -> int:
     if regional and args.holdout == 0:
         raise OptionError(f"--regional {regional} needs held-out good images for its statistics: pass "
                           "--holdout > 0 (default 0.1) or --regional 0")
+    if args.global_level == "on" and args.holdout == 0:
+        raise OptionError("--global-level on needs held-out good images for its statistics: pass --holdout > 0 "
+                          "(default 0.1) or --global-level off")
     if not 0.0 <= args.jitter <= 100.0:
         raise OptionError(f"--jitter {args.jitter}: give a scale between 0 (off) and 100 (UniAD uses 20)")
     if args.epochs == 0:
@@ -167,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
                              device=args.device, progress=not args.no_progress, holdout=args.holdout,
                              compile=args.compile, jitter=args.jitter,
                              standardize=args.intensity != "none", regional_auto=regional_auto,
-                             regional_bank_size=args.regional_bank_size)
+                             regional_bank_size=args.regional_bank_size, global_level=args.global_level)
     path, record = train_run(args.data, args.out, config, settings)
     summary = {k: v for k, v in record.items() if k != "history"}
     (Path(args.out) / "train.json").write_text(json.dumps(record, indent=2) + "\n")

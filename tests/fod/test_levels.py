@@ -12,12 +12,13 @@ import torch.nn.functional as F
 
 from fod.checkpoint import load_checkpoint, save_checkpoint
 from fod.errors import CheckpointError, DataError
-from fod.model import REGIONAL_TAU, FODConfig, FODModel, RegionalLevel, parse_levels
+from fod.model import REGIONAL_TAU, FODConfig, FODModel, GlobalLevel, RegionalLevel, parse_levels
 from fod.train import (
     POSITION_SHARE_MAX,
     TrainSettings,
     auto_regional,
     centre_of_contrast,
+    global_statistics,
     image_position_share,
     level_statistics,
     peak_floor_statistic,
@@ -90,6 +91,9 @@ def test_parse_levels_forms_and_errors():
         ({"regional": 3}, "needs a memory bank of at least 1 patch"),
         ({"regional_bank_size": 8}, "without a regional level"),
         ({"regional": 3, "regional_bank_size": 8, "regional_norm": (1.0, 0.5)}, "needs the levels' held-out"),
+        ({"global_bank_size": -1}, "global_bank_size -1"),
+        ({"global_norm": (1.0, 0.5)}, "and a global level"),
+        ({"global_bank_size": 4, "global_norm": (1.0, 0.0)}, r"finite \(mean, std > 0\)"),
     ],
 )
 def test_invalid_configs_name_the_option(kwargs: dict, message: str):
@@ -483,3 +487,105 @@ def test_regional_auto_adds_the_level_on_a_texture_and_not_on_an_object():
     with pytest.raises(ValueError, match=r"regional_auto needs config\.regional 0"):
         train_model(synthetic_good_images(6, 64, seed=3), FODConfig(image_size=64, levels=((16, 32),), d_models=(16,),
                     regional=3, regional_bank_size=8), settings)
+
+
+def test_global_level_describes_the_frame_and_finds_the_nearest_training_frame():
+    gen = torch.Generator().manual_seed(0)
+    feature = torch.randn(3, 2, 4, 5, generator=gen)
+    desc = GlobalLevel.describe(feature)
+    assert desc.shape == (3, 4)
+    torch.testing.assert_close(desc[:, :2], feature.mean((2, 3)))
+    torch.testing.assert_close(desc[:, 2:], feature.std((2, 3), unbiased=False))
+    # position-blind: the same values in another order describe the same frame
+    shuffled = feature.flatten(2)[:, :, torch.randperm(20, generator=gen)].reshape(3, 2, 4, 5)
+    torch.testing.assert_close(GlobalLevel.describe(shuffled), desc)
+    level = GlobalLevel(channels=2, bank_size=2)
+    bank = torch.stack([desc[0], desc[1] + 10.0])
+    level.set_bank(bank)
+    dist = level(feature)
+    assert dist.shape == (3,)
+    assert float(dist[0]) == pytest.approx(0.0, abs=1e-3)  # the frame's own description is in the bank
+    torch.testing.assert_close(dist, torch.cdist(desc, bank).amin(-1), rtol=1e-4, atol=1e-3)
+
+
+def test_global_lift_raises_the_peak_and_keeps_the_shape_of_the_map():
+    config = FODConfig(image_size=64, levels=((16, 32),), d_models=(16,), heads=2, layers=1, ffn_mult=2,
+                       level_norm=((0.5, 0.1),), map_power=2.0, peak_floor=1.0, global_bank_size=2)
+    torch.manual_seed(0)
+    model = FODModel(config, pretrained=False).eval()
+    images = torch.randint(0, 256, (3, 64, 64, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        inputs = model.level_inputs(model.backbone(images))
+        before, before_score = model.maps_from_features(inputs)  # global_norm None: not measured, no part
+        model.global_level.set_bank(GlobalLevel.describe(inputs[0][:1]))  # frame 0 is the only training frame
+        dist = model.global_level(inputs[0])
+        config.global_norm = (float(dist[1:].mean()), 0.5)  # frame 0 at distance 0 (no lift), one of 1-2 above
+        lift = model.global_lift(inputs)
+        amap, score = model.maps_from_features(inputs)
+    torch.testing.assert_close(lift, torch.relu((dist - config.global_norm[0]) / 0.5))
+    assert float(lift[0]) == 0.0
+    assert float(lift.max()) > 0
+    torch.testing.assert_close(score, before_score + lift)  # the peak rises by the lift
+    torch.testing.assert_close(score, amap.amax(dim=(1, 2, 3)))  # the score is still the map's maximum
+    ratio = amap / before.clamp_min(1e-12)
+    for i in range(3):  # every pixel of a frame in the same proportion: the frame's shape is kept
+        kept = before[i] > 1e-6
+        expected = float(1 + lift[i] / before_score[i])
+        torch.testing.assert_close(ratio[i][kept], torch.full_like(ratio[i][kept], expected))
+    torch.testing.assert_close(amap[0], before[0])
+
+
+def test_global_level_trained_saved_reloaded_and_exported(tmp_path: Path):
+    images = synthetic_good_images(12, 64, seed=3)
+    config = FODConfig(image_size=64, levels=((16, 32),), d_models=(16,), heads=2, layers=1, ffn_mult=2,
+                       reference="nearest", bank_size=64, anchor=True, score="rec", map_power=2.0)
+    settings = TrainSettings(epochs=0, progress=False, holdout=0.25, global_level="on")
+    model, record = train_model(images, config, settings)
+    norm = model.config.global_norm
+    assert norm is not None
+    assert record["global_norm"] == list(norm)
+    assert record["global_level"] == {"on": True, "why": "--global-level on"}
+    assert model.global_level is not None
+    assert model.config.global_bank_size == 9  # one description per training image (12 minus 3 held out)
+    from fod.train import extract_features
+
+    features = extract_features(model, images)
+    held = torch.from_numpy(np.array(record["holdout_indices"]))
+    kept = torch.from_numpy(np.setdiff1d(np.arange(12), record["holdout_indices"]))
+    # the bank holds the training images' descriptions, not the held-out ones
+    torch.testing.assert_close(model.global_level.bank.t(), GlobalLevel.describe(features[0][kept]))
+    with torch.no_grad():  # a training frame finds itself (up to float32 cancellation), a held-out one does not
+        own, other = model.global_level(features[0][kept]), model.global_level(features[0][held])
+    assert float(own.max()) < 0.1 * float(other.min())
+    again = global_statistics(model, [f[held] for f in features])
+    np.testing.assert_allclose(np.array(again), np.array(norm), rtol=1e-6)
+    loaded = _saved_reloaded_exported(model, record, images, tmp_path)
+    assert loaded.config.global_norm == norm
+
+
+def test_global_level_auto_on_textures_only_and_its_errors():
+    def config() -> FODConfig:
+        return FODConfig(image_size=64, levels=((16, 32),), d_models=(16,), heads=2, layers=1, ffn_mult=2,
+                         reference="nearest", bank_size=64, anchor=True, score="rec")
+
+    auto = TrainSettings(epochs=0, progress=False, holdout=0.25, global_level="auto")
+    model, record = train_model(synthetic_good_images(12, 64, seed=3), config(), auto)
+    assert record["global_level"]["on"] is True
+    assert "surface texture" in record["global_level"]["why"]
+    assert model.global_level is not None
+    assert model.config.global_norm is not None
+    model, record = train_model(_aligned_objects(12, 64, seed=4), config(), auto)
+    assert record["global_level"]["on"] is False
+    assert "an object" in record["global_level"]["why"]
+    assert model.global_level is None
+    assert (model.config.global_bank_size, model.config.global_norm) == (0, None)
+    no_holdout = TrainSettings(epochs=0, progress=False, holdout=0.0, global_level="auto")
+    model, record = train_model(synthetic_good_images(6, 64, seed=3), config(), no_holdout)
+    assert model.global_level is None
+    assert "--holdout 0" in record["global_level"]["why"]
+    with pytest.raises(DataError, match=r"--global-level on needs held-out good images.*--holdout > 0"):
+        train_model(synthetic_good_images(6, 64, seed=3), config(),
+                    TrainSettings(epochs=0, progress=False, holdout=0.0, global_level="on"))
+    with pytest.raises(ValueError, match=r"global_level 'yes': choose from \['auto', 'on', 'off'\]"):
+        train_model(synthetic_good_images(6, 64, seed=3), config(),
+                    TrainSettings(epochs=0, progress=False, global_level="yes"))

@@ -38,6 +38,10 @@ def test_training_on_hazelnut_beats_chance(hazelnut_run: tuple[Path, Path], tmp_
     assert record["regional_auto"]["position_share"] > 0.7
     assert record["regional"] == 0
     assert "an object" in record["regional_auto"]["why"]
+    # the default --global-level auto reads the same share: no global level on an object
+    assert record["global_level"]["on"] is False
+    assert "an object" in record["global_level"]["why"]
+    assert record["global_norm"] is None
     # the default peak-relative map, its floor measured on the 5 held-out nuts (3.34 when measured)
     assert record["map_power"] == 2.0
     assert record["peak_floor"] > 0
