@@ -30,6 +30,8 @@ _SOFTMAX_OPS = frozenset({"Softmax", "LogSoftmax"})
 #: ops that pick the nearest bank patch from distances: the nearest-patch search's ArgMin, the regional
 #: level's ReduceMin (``fod.model.RegionalLevel``)
 _ARG_OPS = frozenset({"ArgMin", "ArgMax", "ReduceMin"})
+#: the minimum over a bank that is a score itself (regional and global levels), not an index
+_SCORE_MIN_OPS = frozenset({"ReduceMin"})
 #: op types kept FP32 in the FP16 variant wherever they occur
 FP16_BLOCKED_OPS: tuple[str, ...] = (
     "Softmax",
@@ -318,7 +320,12 @@ def fp16_blocked_nodes(model: onnx.ModelProto) -> dict[str, str]:
     * the scoring tail (after the last MatMul);
     * every node between the last compute op and a Softmax (attention scaling, the RBF exponent
       ``-D / (2 sigma^2)`` whose ``1 / sigma^2`` overflows FP16);
-    * every node after a Softmax up to the next compute op (KL divergence, the patch softmax).
+    * every node after a Softmax up to the next compute op (KL divergence, the patch softmax);
+    * every MatMul / Gemm whose output reaches a ReduceMin without another compute op between: a distance
+      to a memory bank whose minimum is itself a score (``fod.model.RegionalLevel``, ``GlobalLevel``).
+      ``||x||^2 - 2 x.b + ||b||^2`` cancels in FP16, and ``x.b`` over hundreds of channels can pass
+      65504. The nearest-patch search (ArgMin) only picks a patch and stays FP16 (keeping it FP32 did
+      not change DEF18's FP16 map error).
 
     Returns:
         node name -> reason.
@@ -331,6 +338,9 @@ def fp16_blocked_nodes(model: onnx.ModelProto) -> dict[str, str]:
     for node in nodes:
         if node.op_type == "Cast":  # the converter rewrites Cast outputs but not their `to` attribute
             blocked.setdefault(node.name, "existing Cast")
+    for i, node in enumerate(nodes):
+        if node.op_type in ("MatMul", "Gemm") and _reaches(index, i, _SCORE_MIN_OPS):
+            blocked.setdefault(node.name, "bank distance whose minimum is a score")
     for s, node in enumerate(nodes):
         if node.op_type not in _SOFTMAX_OPS:
             continue

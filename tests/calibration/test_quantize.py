@@ -54,6 +54,32 @@ def test_fp16_block_list_covers_softmax_surroundings_and_tail():
     assert "Conv_4" not in blocked
 
 
+def test_fp16_keeps_bank_distances_that_are_scores_in_fp32():
+    from onnx import TensorProto, helper, numpy_helper
+
+    bank = numpy_helper.from_array(np.ones((4, 3), np.float32), "bank")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "bank"], ["dot_min"], name="score_distance"),
+         helper.make_node("Mul", ["dot_min", "two"], ["scaled"], name="scale"),
+         helper.make_node("ReduceMin", ["scaled"], ["score"], name="score_min", keepdims=0),
+         helper.make_node("MatMul", ["x", "bank"], ["dot_arg"], name="search_distance"),
+         helper.make_node("ArgMin", ["dot_arg"], ["index"], name="search", axis=1),
+         helper.make_node("MatMul", ["x", "bank"], ["features"], name="projection")],
+        "bank_distances",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("score", TensorProto.FLOAT, []),
+         helper.make_tensor_value_info("index", TensorProto.INT64, [2]),
+         helper.make_tensor_value_info("features", TensorProto.FLOAT, [2, 3])],
+        [bank, numpy_helper.from_array(np.float32(2.0), "two")],
+    )
+    model = helper.make_model(graph)
+    name_nodes(model)
+    blocked = fp16_blocked_nodes(model)
+    assert blocked["score_distance"] == "bank distance whose minimum is a score"  # regional / global level
+    assert "search_distance" not in blocked  # the nearest-patch search only picks a patch: FP16 speed kept
+    assert "projection" not in blocked
+
+
 @pytest.fixture(scope="module")
 def variants(toy_fod_package_src: Path, mvtec_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("variants")
