@@ -28,6 +28,7 @@ def main(argv: list[str]) -> int:
     if norm is None:
         print(f"{run}: no level_norm in the checkpoint (trained with --holdout 0)", file=sys.stderr)
         return 2
+    model.config.global_norm = None  # the variants compare the level fusion alone: no global lift
     model.config.level_norm = None
     print(save_checkpoint(out / "plain", model, record).parent)
     for i in range(len(norm)):

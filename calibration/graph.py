@@ -250,7 +250,8 @@ def select_int8_nodes(model: onnx.ModelProto, *, keep_last_matmul: bool = False,
     7. the output reaches an ArgMin / ArgMax / ReduceMin without another compute op between: the
        distances of the nearest-patch search (``FODLevel.nearest``), where INT8 rounding would retrieve
        other bank patches, and with ``FODConfig.anchor`` the retrieved patch is part of the
-       reconstruction; and of the regional level (``RegionalLevel``), whose minimum is its score;
+       reconstruction; and of the regional and global levels (``RegionalLevel``, ``GlobalLevel``), whose
+       minimum is their score;
     8. ``keep_last_matmul``: the last MatMul of each branch (the reconstruction head);
     9. outside ``scope``: ``transformer`` keeps every Conv FP32, ``backbone`` every MatMul / Gemm.
 
@@ -323,9 +324,10 @@ def fp16_blocked_nodes(model: onnx.ModelProto) -> dict[str, str]:
     * every node after a Softmax up to the next compute op (KL divergence, the patch softmax);
     * every MatMul / Gemm whose output reaches a ReduceMin without another compute op between: a distance
       to a memory bank whose minimum is itself a score (``fod.model.RegionalLevel``, ``GlobalLevel``).
-      ``||x||^2 - 2 x.b + ||b||^2`` cancels in FP16, and ``x.b`` over hundreds of channels can pass
-      65504. The nearest-patch search (ArgMin) only picks a patch and stays FP16 (keeping it FP32 did
-      not change DEF18's FP16 map error).
+      ``||x||^2 - 2 x.b + ||b||^2`` cancels: on magnetic-tile the global level's squared distance of about
+      56 is the difference of terms up to 2700, where FP16 keeps steps of 2. The nodes after the MatMul
+      are already in the scoring tail; this keeps the product itself. The nearest-patch search (ArgMin)
+      only picks a patch and stays FP16 (keeping it FP32 did not change DEF18's FP16 map error).
 
     Returns:
         node name -> reason.

@@ -65,7 +65,8 @@ class TrainSettings:
         global_level: the global level (:class:`fod.model.GlobalLevel`): ``"on"``, ``"off"`` or ``"auto"``
             (on for surface textures, off for objects, by the same position share as ``regional_auto``).
             Needs ``holdout`` > 0 (its statistics are measured on the held-out images); ``"auto"`` with
-            ``holdout`` 0 is off.
+            ``holdout`` 0 is off. The library default is ``"off"`` (as ``regional_auto`` is False); ``fod
+            train``'s is ``"auto"``.
     """
 
     epochs: int = 8
@@ -316,23 +317,42 @@ def peak_floor_statistic(model: FODModel, inputs: list[torch.Tensor], batch_size
                for i in range(0, len(inputs[0]), batch_size))
 
 
+GLOBAL_STD_FLOOR = 0.1
+"""The global level's std is floored at this share of its held-out mean distance: with few held-out images
+(2 is allowed) their spread can come out near 0 and every frame's lift huge. Magnetic-tile: std 1.87 at a
+mean of 7.47, well above the floor."""
+
+
 @torch.no_grad()
 def global_statistics(model: FODModel, inputs: list[torch.Tensor], batch_size: int = 64) -> tuple[float, float]:
-    """:attr:`FODConfig.global_norm`: ``(mean, std)`` of the global level's distance over held-out good images
-    (level inputs as for :func:`level_statistics`), std floored as :func:`_mean_std` does.
+    """:attr:`FODConfig.global_norm`: ``(mean, std)`` of the global level's distance over held-out good images.
+
+    Args:
+        model: a model with a global level (its bank filled, :func:`fill_global_bank`).
+        inputs: level inputs of the held-out images (:meth:`FODModel.level_inputs`), ``[K, C_l, h_l, w_l]``
+            float32 each, on any device; only the first is read.
+        batch_size: images per call.
+
+    Returns:
+        ``(mean, std)`` floats in the distance's units: the population std over the ``K`` images, floored at
+        :data:`GLOBAL_STD_FLOOR` of the mean.
 
     Raises:
         RuntimeError: the model has no global level.
     """
     if model.global_level is None:
         raise RuntimeError("this FOD model has no global level (global_bank_size 0)")
-    return _mean_std(model.global_level(inputs[0][i : i + batch_size]) for i in range(0, len(inputs[0]), batch_size))
+    device = model.global_level.bank.device
+    mean, std = _mean_std(model.global_level(inputs[0][i : i + batch_size].to(device))
+                          for i in range(0, len(inputs[0]), batch_size))
+    return mean, max(std, GLOBAL_STD_FLOOR * abs(mean), 1e-12)
 
 
 @torch.no_grad()
 def fill_global_bank(model: FODModel, feature: torch.Tensor, batch: int = 64) -> None:
     """Fill the global level's bank with the descriptors (:meth:`fod.model.GlobalLevel.describe`) of every
-    training image: ``feature`` ``[n, C, h, w]`` float32 first-level input, ``n`` = the bank size.
+    training image: ``feature`` ``[n, C, h, w]`` float32 first-level input (CPU), ``n`` = the bank size. No
+    coreset: the bank grows by ``2C`` floats per image (3.4 KB at the defaults' 432 channels).
 
     Raises:
         RuntimeError: the model has no global level.
@@ -340,7 +360,9 @@ def fill_global_bank(model: FODModel, feature: torch.Tensor, batch: int = 64) ->
     level = model.global_level
     if level is None:
         raise RuntimeError("this FOD model has no global level (global_bank_size 0)")
-    level.set_bank(torch.cat([level.describe(feature[i : i + batch]) for i in range(0, len(feature), batch)]))
+    device = level.bank.device
+    level.set_bank(torch.cat([level.describe(feature[i : i + batch].to(device))
+                              for i in range(0, len(feature), batch)]))
 
 
 @torch.no_grad()

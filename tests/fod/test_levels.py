@@ -533,6 +533,24 @@ def test_global_lift_raises_the_peak_and_keeps_the_shape_of_the_map():
         expected = float(1 + lift[i] / before_score[i])
         torch.testing.assert_close(ratio[i][kept], torch.full_like(ratio[i][kept], expected))
     torch.testing.assert_close(amap[0], before[0])
+    # a frame whose map is all zeros (every patch below the held-out mean) is lifted to g everywhere
+    config.level_norm = ((1e6, 1.0),)
+    with torch.no_grad():
+        flat, flat_score = model.maps_from_features(inputs)
+    torch.testing.assert_close(flat, lift[:, None, None, None].expand_as(flat))
+    torch.testing.assert_close(flat_score, lift)
+
+
+def test_global_statistics_floor_the_spread_of_few_held_out_images():
+    config = FODConfig(image_size=64, levels=((16, 32),), d_models=(16,), heads=2, layers=1, ffn_mult=2,
+                       global_bank_size=1)
+    model = FODModel(config, pretrained=False).eval()
+    feature = torch.randn(1, 432, 4, 4, generator=torch.Generator().manual_seed(0))
+    model.global_level.set_bank(GlobalLevel.describe(feature))
+    twins = (feature + 1.0).repeat(2, 1, 1, 1)  # two held-out frames at the same distance: no spread
+    mean, std = global_statistics(model, [twins])
+    assert mean > 0
+    assert std == pytest.approx(0.1 * mean)
 
 
 def test_global_level_trained_saved_reloaded_and_exported(tmp_path: Path):
@@ -559,7 +577,11 @@ def test_global_level_trained_saved_reloaded_and_exported(tmp_path: Path):
     assert float(own.max()) < 0.1 * float(other.min())
     again = global_statistics(model, [f[held] for f in features])
     np.testing.assert_allclose(np.array(again), np.array(norm), rtol=1e-6)
-    loaded = _saved_reloaded_exported(model, record, images, tmp_path)
+    # parity on frames the bank does not hold (held-out first), at least one of them lifted
+    with torch.no_grad():
+        assert float(model.global_lift([f[held] for f in features]).max()) > 0
+    order = np.r_[record["holdout_indices"], kept.numpy()]
+    loaded = _saved_reloaded_exported(model, record, images[order], tmp_path)
     assert loaded.config.global_norm == norm
 
 
