@@ -646,7 +646,40 @@ class FODLevel(nn.Module):
         return (rec * inter).reshape(-1, 1, *self.grid)
 
 
-class RegionalLevel(nn.Module):
+class NearestBank(nn.Module):
+    """A memory bank of vectors and the Euclidean distance of queries to the nearest of them: the part the
+    regional and global levels share (:class:`RegionalLevel`, :class:`GlobalLevel`).
+
+    Args:
+        dim: D, the vectors' length.
+        bank_size: M, vectors in the bank.
+
+    Buffers: ``bank`` ``[D, M]`` (one vector per column) and ``bank_norm`` ``[M]`` (squared norms).
+    """
+
+    bank: torch.Tensor
+    bank_norm: torch.Tensor
+
+    def __init__(self, dim: int, bank_size: int) -> None:
+        super().__init__()
+        self.register_buffer("bank", torch.zeros(dim, bank_size))
+        self.register_buffer("bank_norm", torch.zeros(bank_size))
+
+    def set_bank(self, vectors: torch.Tensor) -> None:
+        """Store ``vectors`` ``[M, D]`` float32 as the bank (and their squared norms)."""
+        self.bank.copy_(vectors.t())
+        self.bank_norm.copy_(vectors.square().sum(-1))
+
+    def nearest_distance(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., D]`` float32 -> ``[...]`` float32 Euclidean distance to the nearest bank vector, as
+        ``||x||^2 - 2 x.b + ||b||^2`` minimised over the bank (``MatMul`` + ``ReduceMin`` in ONNX), clamped at 0
+        before the square root.
+        """
+        dist = (self.bank_norm - 2.0 * torch.matmul(x, self.bank)).amin(-1) + x.square().sum(-1)
+        return dist.clamp_min(0.0).sqrt()
+
+
+class RegionalLevel(NearestBank):
     """Nearest-neighbour scoring of regional texture: each patch averaged over its K x K grid neighbours.
 
     Not a transformer: a memory bank of averaged training patches (a greedy k-center coreset, as the
@@ -659,38 +692,27 @@ class RegionalLevel(nn.Module):
         context: side K of the window in grid cells (odd).
         bank_size: M, patches in the memory bank.
 
-    Buffers: ``bank`` ``[C, M]`` (one patch per column) and ``bank_norm`` ``[M]`` (squared norms).
+    Buffers: ``bank`` ``[C, M]`` (one averaged patch per column; :meth:`set_bank` takes ``[M, C]`` already
+    averaged with :meth:`pool`) and ``bank_norm`` ``[M]`` (squared norms).
     """
 
-    bank: torch.Tensor
-    bank_norm: torch.Tensor
-
     def __init__(self, channels: int, context: int, bank_size: int) -> None:
-        super().__init__()
+        super().__init__(channels, bank_size)
         self.context = context
-        self.register_buffer("bank", torch.zeros(channels, bank_size))
-        self.register_buffer("bank_norm", torch.zeros(bank_size))
 
     def pool(self, feature: torch.Tensor) -> torch.Tensor:
         """``[N, C, h, w]`` -> the K x K neighbourhood mean at each position, ``[N, C, h, w]`` float32."""
         k = self.context
         return F.avg_pool2d(feature, k, stride=1, padding=k // 2, count_include_pad=False)
 
-    def set_bank(self, patches: torch.Tensor) -> None:
-        """Store ``patches`` ``[M, C]`` float32 (already averaged, :meth:`pool`) as the memory bank."""
-        self.bank.copy_(patches.t())
-        self.bank_norm.copy_(patches.square().sum(-1))
-
     def forward(self, feature: torch.Tensor) -> torch.Tensor:
         """``[N, C, h, w]`` level input -> ``[N, 1, h, w]`` float32 distance to the nearest bank patch."""
         n, _, h, w = feature.shape
         tokens = self.pool(feature).flatten(2).transpose(1, 2)  # [N, L, C]
-        # ||x - b||^2 = ||x||^2 - 2 x.b + ||b||^2, minimised over the bank
-        dist = (self.bank_norm - 2.0 * torch.matmul(tokens, self.bank)).amin(-1) + tokens.square().sum(-1)
-        return dist.clamp_min(0.0).sqrt().reshape(n, 1, h, w)
+        return self.nearest_distance(tokens).reshape(n, 1, h, w)
 
 
-class GlobalLevel(nn.Module):
+class GlobalLevel(NearestBank):
     """Nearest-neighbour scoring of the whole frame: one descriptor per frame against the training frames'.
 
     The descriptor is the per-channel mean and standard deviation of a level input over its grid
@@ -704,16 +726,12 @@ class GlobalLevel(nn.Module):
         channels: C of the level input it reads.
         bank_size: M, descriptors in the memory bank (one per training image).
 
-    Buffers: ``bank`` ``[2C, M]`` (one descriptor per column) and ``bank_norm`` ``[M]`` (squared norms).
+    Buffers: ``bank`` ``[2C, M]`` (one descriptor per column; :meth:`set_bank` takes ``[M, 2C]`` from
+    :meth:`describe`) and ``bank_norm`` ``[M]`` (squared norms).
     """
 
-    bank: torch.Tensor
-    bank_norm: torch.Tensor
-
     def __init__(self, channels: int, bank_size: int) -> None:
-        super().__init__()
-        self.register_buffer("bank", torch.zeros(2 * channels, bank_size))
-        self.register_buffer("bank_norm", torch.zeros(bank_size))
+        super().__init__(2 * channels, bank_size)
 
     @staticmethod
     def describe(feature: torch.Tensor) -> torch.Tensor:
@@ -724,19 +742,11 @@ class GlobalLevel(nn.Module):
         std = (feature - mean[:, :, None, None]).square().mean(dim=(2, 3)).sqrt()
         return torch.cat([mean, std], dim=1)
 
-    def set_bank(self, descriptors: torch.Tensor) -> None:
-        """Store ``descriptors`` ``[M, 2C]`` float32 (:meth:`describe` of the training images) as the bank."""
-        self.bank.copy_(descriptors.t())
-        self.bank_norm.copy_(descriptors.square().sum(-1))
-
     def forward(self, feature: torch.Tensor) -> torch.Tensor:
         """``[N, C, h, w]`` level input -> ``[N]`` float32 Euclidean distance of each frame's descriptor to the
         nearest bank descriptor.
         """
-        x = self.describe(feature)
-        # ||x - b||^2 = ||x||^2 - 2 x.b + ||b||^2, minimised over the bank
-        dist = (self.bank_norm - 2.0 * torch.matmul(x, self.bank)).amin(-1) + x.square().sum(-1)
-        return dist.clamp_min(0.0).sqrt()
+        return self.nearest_distance(self.describe(feature))
 
 
 class FODModel(nn.Module):
